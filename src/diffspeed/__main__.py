@@ -1,0 +1,5 @@
+import sys
+
+from diffspeed.cli import main
+
+sys.exit(main())

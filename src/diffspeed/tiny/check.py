@@ -1,0 +1,106 @@
+"""Automatic colour check: does a generated image show what its prompt says?
+
+Two measurements per image, both by nearest palette colour in RGB:
+- background: the median colour of the pixels away from every named shape position (for a gradient, the top
+  and bottom bands separately) must be the prompt's background colour;
+- shape: at least ``SHAPE_FRACTION`` of a 9x9 patch at the stated position must be the stated shape colour.
+Chance is ~1/9 for the background and ~1/8 for the shape (8 colours remain once the background is taken).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from diffspeed.tiny.data import COLOURS, POSITIONS, SIZE, Scene
+
+SHAPE_FRACTION = 0.4
+_NAMES = list(COLOURS)
+_PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
+
+
+def nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    """Index into the palette of the nearest colour for each RGB row of ``pixels`` (N, 3)."""
+    d = ((pixels[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def _shape_mask(scene: Scene, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    mask = np.zeros((SIZE, SIZE), bool)
+    for s in scene.shapes:
+        cx, cy = POSITIONS[s.position]
+        mask |= (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+    return mask
+
+
+def _median_name(pixels: np.ndarray) -> str:
+    return _NAMES[int(nearest_colour(np.median(pixels, axis=0, keepdims=True))[0])]
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    background_ok: bool
+    shapes_ok: tuple[bool, ...]
+    background_seen: str
+
+
+def score_image(image: Image.Image | np.ndarray, scene: Scene) -> ImageScore:
+    arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE)) if isinstance(image, Image.Image) else image)
+    free = ~_shape_mask(scene, radius=15.0)
+    if len(scene.background) == 1:
+        seen = _median_name(arr[free])
+        bg_ok = seen == scene.background[0]
+    else:
+        band = np.zeros_like(free)
+        band[:8] = True
+        top = _median_name(arr[free & band])
+        band = np.zeros_like(free)
+        band[-8:] = True
+        bottom = _median_name(arr[free & band])
+        seen = f"{top}->{bottom}"
+        bg_ok = (top, bottom) == tuple(scene.background)
+    oks = []
+    for s in scene.shapes:
+        cx, cy = POSITIONS[s.position]
+        patch = arr[cy - 4:cy + 5, cx - 4:cx + 5].reshape(-1, 3)
+        frac = float((nearest_colour(patch) == _NAMES.index(s.colour)).mean())
+        oks.append(frac >= SHAPE_FRACTION)
+    return ImageScore(bg_ok, tuple(oks), seen)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    images: int
+    background_accuracy: float
+    shape_accuracy: float
+
+    def passes(self, background: float = 0.8, shape: float = 0.4) -> bool:
+        return self.background_accuracy >= background and self.shape_accuracy >= shape
+
+
+def score_images(images: list, scenes: list[Scene]) -> CheckResult:
+    scores = [score_image(im, sc) for im, sc in zip(images, scenes, strict=True)]
+    shapes = [ok for s in scores for ok in s.shapes_ok]
+    return CheckResult(
+        images=len(scores),
+        background_accuracy=sum(s.background_ok for s in scores) / len(scores),
+        shape_accuracy=sum(shapes) / len(shapes),
+    )
+
+
+def run_colour_check(pipe, scenes: list[Scene], *, steps: int = 25, guidance_scale: float = 7.5,
+                     seed: int = 0, batch_size: int = 16) -> CheckResult:
+    """Generate one image per scene's caption (seed ``seed + i``) with ``pipe`` and score them."""
+    import torch
+
+    images = []
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=gens, output_type="pil")
+        images.extend(out.images)
+    return score_images(images, scenes)
