@@ -1,0 +1,57 @@
+"""Web-UI sampler names mapped to diffusers schedulers.
+
+The mapping follows the diffusers scheduler overview's "A1111/k-diffusion" table: each web-UI name is a
+scheduler class plus the config overrides that make it behave like the web UI's sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import diffusers
+
+from diffspeed.errors import DiffspeedError
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    cls: str  # diffusers scheduler class name
+    overrides: dict = field(default_factory=dict)
+    needs: str | None = None  # optional import this sampler requires
+
+    def build(self, base_config):
+        """A new scheduler of this kind that keeps ``base_config``'s training schedule (betas, timesteps)."""
+        if self.needs:
+            try:
+                __import__(self.needs)
+            except ImportError as err:
+                raise DiffspeedError(f"sampler {self.name!r} needs the {self.needs!r} package: "
+                                     f"pip install {self.needs}", field="sampler") from err
+        return getattr(diffusers, self.cls).from_config(base_config, **self.overrides)
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("DDIM", "DDIMScheduler"),
+    Sampler("PNDM", "PNDMScheduler", {"skip_prk_steps": True}),
+    Sampler("LMS", "LMSDiscreteScheduler"),
+    Sampler("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    Sampler("Euler", "EulerDiscreteScheduler"),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("Heun", "HeunDiscreteScheduler"),
+    Sampler("DPM2", "KDPM2DiscreteScheduler"),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler"),
+    Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    Sampler("DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}, needs="torchsde"),
+    Sampler("UniPC", "UniPCMultistepScheduler"),
+)}
+
+
+def get_sampler(name: str) -> Sampler:
+    """Look a sampler up by its web-UI name, ignoring case and surrounding spaces."""
+    key = {k.lower(): k for k in SAMPLERS}.get(str(name).strip().lower())
+    if key is None:
+        raise DiffspeedError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}", field="sampler")
+    return SAMPLERS[key]

@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+from diffspeed.cli import main
+from diffspeed.pngmeta import read_parameters
+
+PROMPT = "a yellow star at center on a purple background"
+
+
+def test_generate_writes_png_with_parameters(tmp_path, capsys):
+    rc = main(["generate", PROMPT, "--seed", "3", "--steps", "4", "--sampler", "Euler a", "--out", str(tmp_path),
+               "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-3.png", "00001-4.png"]
+    meta = read_parameters(pngs[1])
+    assert meta["prompt"] == PROMPT and meta["Seed"] == "4" and meta["Sampler"] == "Euler a"
+    assert "s/image" in out and "it/s" in out
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--width", "100"], "width"), (["--height", "8"], "height"), (["--steps", "0"], "steps"),
+    (["--sampler", "Fastest"], "sampler"), (["--model", "missing.safetensors"], "model"),
+    (["--cfg-scale", "-2"], "cfg_scale"), (["--batch-size", "0"], "batch_size"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
+    rc = main(["generate", PROMPT, "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and field in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unreadable_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"this is not a checkpoint")
+    assert main(["generate", PROMPT, "--model", str(bad), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint" in err
+
+
+def test_console_script_usage_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffspeed", "generate", PROMPT, "--steps", "abc"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "--steps" in proc.stderr
