@@ -1,0 +1,38 @@
+"""Per-model-family facts as data: which family a UNet belongs to and the numbers that differ by family.
+
+A new family is one more row in ``ADAPTERS``; code asks ``adapter_for(pipe)`` instead of branching on the
+family itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    # FreeU (Si et al. 2023) published defaults: b1, b2 scale backbone features, s1, s2 damp skip features.
+    freeu: dict
+    # What tells this family's UNet apart (checked in order; the first match wins).
+    addition_embed_type: str | None = None
+    cross_attention_dim: int | None = None
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("sdxl", freeu={"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}, addition_embed_type="text_time"),
+    Adapter("sd2", freeu={"b1": 1.4, "b2": 1.6, "s1": 0.9, "s2": 0.2}, cross_attention_dim=1024),
+    Adapter("sd1", freeu={"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}),
+)
+
+
+def adapter_for(pipe_or_unet) -> Adapter:
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    cfg = unet.config
+    for a in ADAPTERS:
+        if a.addition_embed_type and cfg.get("addition_embed_type") != a.addition_embed_type:
+            continue
+        if a.cross_attention_dim and cfg.get("cross_attention_dim") != a.cross_attention_dim:
+            continue
+        return a
+    raise AssertionError("the last adapter matches everything")

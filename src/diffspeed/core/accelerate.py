@@ -1,0 +1,81 @@
+"""``diffspeed.accelerate(pipe, recipe)``: apply a validated recipe and call the pipeline through it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffspeed.core.edits import Edits
+from diffspeed.core.optimization import OptConfig, Optimization, get_optimization
+from diffspeed.core.recipe import Recipe
+from diffspeed.core.state import RunState
+
+
+class Accelerated:
+    """A pipeline with a recipe applied. Call it exactly like the pipeline; attributes pass through.
+
+    Before every call the per-call state and every stateful optimization are reset, so nothing leaks from
+    one generation to the next. ``stats`` holds the last call's counts (denoiser calls, unconditional
+    evaluations, skipped blocks, ...). As a context manager it removes everything on exit.
+    """
+
+    def __init__(self, pipe, recipe: Recipe | list[OptConfig] | tuple[OptConfig, ...]):
+        recipe = recipe if isinstance(recipe, Recipe) else Recipe(tuple(recipe))
+        recipe.validate(pipe)
+        self.pipe = pipe
+        self.recipe = recipe
+        self.state = RunState()
+        self.stats: dict[str, int] = {}
+        self.events: list[str] = []
+        self._own = Edits("accelerate")
+        self._own.forward_pre_hook(pipe.unet, lambda *_: self.state.begin_denoiser_call(pipe))
+        self._own.forward_hook(pipe.unet, lambda *_: self.state.end_denoiser_call())
+        self.optimizations: list[Optimization] = []
+        try:
+            for config in recipe.optimizations:
+                opt = get_optimization(config.name)(config)
+                opt.apply(pipe, self.state)
+                self.optimizations.append(opt)
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.optimizations]
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        self.state.reset()
+        for opt in self.optimizations:
+            opt.reset()
+        call = self.pipe.__call__
+        for opt in self.optimizations:  # the first applied ends up innermost
+            call = opt.wrap_call(call)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.stats = dict(self.state.stats)
+            self.events = list(self.state.events)
+
+    def remove(self) -> None:
+        """Undo every optimization in reverse order; the pipeline is then exactly as it was."""
+        while self.optimizations:
+            self.optimizations.pop().remove()
+        self._own.undo()
+
+    def __enter__(self) -> Accelerated:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["pipe"], name)
+
+
+def accelerate(pipe, recipe) -> Accelerated:
+    """Apply ``recipe`` (a :class:`Recipe`, a list of configs, or a path to a TOML/JSON file) to ``pipe``."""
+    from pathlib import Path
+
+    if isinstance(recipe, (str, Path)):
+        recipe = Recipe.load(recipe)
+    return Accelerated(pipe, recipe)

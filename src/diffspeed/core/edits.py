@@ -1,0 +1,123 @@
+"""Recorded changes: every edit an optimization makes pushes its own undo step.
+
+``Edits.undo()`` replays the steps in reverse, so the pipeline ends bit-for-bit as it was: same tensors, same
+attention processor objects, same attributes (absent ones deleted again), same ``forward``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from diffspeed.errors import DiffspeedError
+
+_MISSING = object()
+
+
+class Edits:
+    def __init__(self, owner: str = "optimization"):
+        self.owner = owner
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    def __len__(self) -> int:
+        return len(self._undo)
+
+    def record(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    def undo(self) -> None:
+        while self._undo:
+            _, step = self._undo[-1]
+            step()  # if it raises, the step stays recorded and undo() can be retried
+            self._undo.pop()
+
+    # ------------------------------------------------------------------------------------------ edits
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr`` that restores the old value, or deletes the attribute if it was not set on ``obj``."""
+        own = name in getattr(obj, "__dict__", {}) or _is_submodule_slot(obj, name)
+        old = getattr(obj, name, _MISSING)
+        setattr(obj, name, value)
+
+        def undo():
+            if own:
+                setattr(obj, name, old)
+                return
+            try:
+                delattr(obj, name)  # it lived on the class (or nowhere): drop the instance attribute
+            except AttributeError:
+                pass
+            if old is not _MISSING and not _same(getattr(obj, name, _MISSING), old):
+                setattr(obj, name, old)  # a property-like attribute (torch flags): set the old value back
+
+        self.record(f"set {type(obj).__name__}.{name}", undo)
+
+    def wrap_method(self, obj: Any, name: str, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+        """Make ``obj.<name>(*a, **k)`` call ``wrapper(inner, *a, **k)`` for this instance only.
+
+        The class is untouched; the wrapper lives in the instance ``__dict__``. Undo checks that nothing was
+        wrapped on top of it since, because unwrapping out of order would silently drop the later wrapper.
+        """
+        inner = getattr(obj, name)
+
+        @functools.wraps(inner)
+        def wrapped(*args, **kwargs):
+            return wrapper(inner, *args, **kwargs)
+
+        self.set_attr(obj, name, wrapped)
+        set_undo = self._undo.pop()[1]
+
+        def undo():
+            if getattr(obj, name) is not wrapped:
+                raise DiffspeedError(f"{self.owner}: {type(obj).__name__}.{name} was wrapped again after it; "
+                                     f"remove optimizations in the reverse order of applying them")
+            set_undo()
+
+        self.record(f"wrap {type(obj).__name__}.{name}", undo)
+        return wrapped
+
+    def forward_pre_hook(self, module: torch.nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
+        handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        self.record(f"pre-hook on {type(module).__name__}", handle.remove)
+
+    def forward_hook(self, module: torch.nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
+        handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self.record(f"hook on {type(module).__name__}", handle.remove)
+
+    def set_attn_processors(self, model: torch.nn.Module, processors) -> None:
+        """Swap a diffusers model's attention processors; undo puts the very same objects back."""
+        old = dict(model.attn_processors)
+        model.set_attn_processor(processors)
+        self.record(f"attention processors of {type(model).__name__}", lambda: model.set_attn_processor(old))
+
+    def retensor(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every parameter and buffer, keeping the original tensors (moved to host memory)
+        so undo restores them exactly: a dtype round trip fp32 -> fp16 -> fp32 would not."""
+        saved = []
+        for t in [*module.parameters(), *module.buffers()]:
+            new = fn(t.data)
+            if new is t.data:
+                continue
+            device = t.data.device
+            saved.append((t, t.data.to("cpu"), device))  # on the CPU: the original tensor itself
+            t.data = new
+
+        def undo():
+            for t, original, device in reversed(saved):
+                t.data = original.to(device)
+
+        self.record(f"tensors of {type(module).__name__}", undo)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # tensors and other objects without a plain truth value
+        return False
+
+
+def _is_submodule_slot(obj: Any, name: str) -> bool:
+    return isinstance(obj, torch.nn.Module) and (name in obj._modules or name in obj._parameters
+                                                 or name in obj._buffers)

@@ -1,0 +1,190 @@
+"""The one abstraction: a frozen, keyword-only, validated config plus an object with apply/remove/reset.
+
+Each optimization file defines ``XConfig(OptConfig)`` (fields made with :func:`param`, which carry their help
+text, range or choices) and ``X(Optimization)``, registered under one name used everywhere: Python, CLI,
+recipe files and the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from diffspeed.core.edits import Edits
+from diffspeed.core.state import RunState
+from diffspeed.errors import DiffspeedError
+
+REGISTRY: dict[str, type[Optimization]] = {}
+
+
+def param(default: Any, help: str, *, range: tuple | None = None, choices: tuple | None = None,
+          kind: type | None = None, nullable: bool = False):
+    """A config field: ``help`` says units and sensible values; ``range`` is inclusive."""
+    kind = kind or type(default)
+    return dataclasses.field(default=default, metadata={
+        "help": help, "range": range, "choices": choices, "kind": kind, "nullable": nullable or default is None})
+
+
+def _field_problem(prefix: str, f: dataclasses.Field, value: Any) -> str | None:
+    m = f.metadata
+    name = f"{prefix}.{f.name}"
+    if value is None:
+        return None if m.get("nullable") else f"{name} must not be empty"
+    kind = m.get("kind", object)
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        return f"{name} must be a {kind.__name__}, got {value!r}"
+    if m.get("choices") is not None and value not in m["choices"]:
+        return f"{name} must be one of {', '.join(map(str, m['choices']))}; got {value!r}"
+    if m.get("range") is not None:
+        lo, hi = m["range"]
+        if not lo <= value <= hi:
+            return f"{name} must be in [{lo}, {hi}], got {value!r}"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptConfig:
+    """Base of every optimization config. Subclasses set ``name`` and may add cross-field ``checks``."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise DiffspeedError("; ".join(p for _, p in problems), field=problems[0][0])
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (field, message) that is wrong with this config, not just the first."""
+        out = []
+        for f in dataclasses.fields(self):
+            msg = _field_problem(self.name, f, getattr(self, f.name))
+            if msg:
+                out.append((f.name, msg))
+        if not out:
+            out.extend(self.checks())
+        return out
+
+    def checks(self) -> list[tuple[str, str]]:
+        """Cross-field rules; return (field, message) pairs."""
+        return []
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def describe(cls) -> list[dict]:
+        return [{"field": f.name, "default": f.default, "help": f.metadata.get("help", ""),
+                 "range": f.metadata.get("range"), "choices": f.metadata.get("choices"),
+                 "type": f.metadata.get("kind", object).__name__} for f in dataclasses.fields(cls)]
+
+
+class Optimization:
+    """Base class. Subclasses implement ``_apply(pipe, state, edits)`` and, if stateful, ``_reset()``.
+
+    Class attributes declare what recipe validation needs: ``conflicts`` (other name -> reason),
+    ``last`` (must come after every other optimization, e.g. compile), ``stateful``.
+    """
+
+    Config: ClassVar[type[OptConfig]]
+    summary: ClassVar[str] = ""
+    conflicts: ClassVar[dict[str, str]] = {}
+    last: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    noop: ClassVar[dict] = {}  # config fields that make it change nothing (contract tests use it)
+    example: ClassVar[dict] = {}  # an active config for tests and documentation
+
+    def __init__(self, config: OptConfig | None = None, **fields: Any):
+        if config is None:
+            config = self.Config(**fields)
+        elif fields:
+            raise TypeError("give a config or fields, not both")
+        if not isinstance(config, self.Config):
+            raise DiffspeedError(f"{self.name} needs a {self.Config.__name__}, got {type(config).__name__}",
+                                 field=self.name)
+        self.config = config
+        self._edits: Edits | None = None
+        self.pipe = None
+        self.state: RunState | None = None
+
+    @property
+    def name(self) -> str:
+        return self.Config.name
+
+    @property
+    def applied(self) -> bool:
+        return self._edits is not None
+
+    def apply(self, pipe, state: RunState | None = None) -> Optimization:
+        if self.applied:
+            raise DiffspeedError(f"{self.name} is already applied; remove() it before applying again",
+                                 field=self.name)
+        problems = self.requirements(self.config, pipe)
+        if problems:
+            raise DiffspeedError(f"{self.name}: {'; '.join(problems)}", field=self.name)
+        edits = Edits(self.name)
+        self.pipe, self.state = pipe, state if state is not None else RunState()
+        try:
+            self._apply(pipe, self.state, edits)
+        except BaseException:
+            edits.undo()
+            self.pipe = self.state = None
+            raise
+        self._edits = edits
+        return self
+
+    def remove(self) -> None:
+        if not self.applied:
+            raise DiffspeedError(f"{self.name} is not applied", field=self.name)
+        self._edits.undo()
+        self._edits = None
+        self.reset()
+        self.pipe = self.state = None
+
+    def reset(self) -> None:
+        """Forget per-call state (caches, counters); called before every generation."""
+        self._reset()
+
+    # ------------------------------------------------------------------------------------ to override
+    def _apply(self, pipe, state: RunState, edits: Edits) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        pass
+
+    def wrap_call(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """Optionally change how the pipeline is called (defaults, or the whole call for staged runs)."""
+        return call
+
+    @classmethod
+    def requirements(cls, config: OptConfig, pipe=None) -> list[str]:
+        """Unmet requirements (hardware, packages, pipeline parts); empty when it can run here."""
+        return []
+
+
+def register(cls: type[Optimization]) -> type[Optimization]:
+    name = cls.Config.name
+    if not name or name in REGISTRY:
+        raise RuntimeError(f"optimization name {name!r} is empty or taken")
+    REGISTRY[name] = cls
+    return cls
+
+
+def get_optimization(name: str) -> type[Optimization]:
+    import diffspeed.optim  # noqa: F401  (registers every optimization)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise DiffspeedError(f"unknown optimization {name!r}; known: {', '.join(sorted(REGISTRY))}",
+                             field="name") from None
+
+
+def all_optimizations() -> dict[str, type[Optimization]]:
+    import diffspeed.optim  # noqa: F401
+
+    return dict(REGISTRY)

@@ -1,0 +1,41 @@
+"""Per-call state shared by the optimizations of one accelerated pipeline.
+
+The step index is counted from denoiser calls -- never looked up in ``scheduler.timesteps``, which repeats
+timesteps on second-order samplers (Heun, DPM2) and costs a host sync per lookup.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunState:
+    step: int = -1  # index of the current denoiser call in this run, 0-based (-1 before the first)
+    total_steps: int = 0  # denoiser calls this run will make, as the pipeline announced it
+    cfg: bool = False  # the current denoiser batch is [unconditional, conditional] (classifier-free guidance)
+    stats: Counter = field(default_factory=Counter)  # counts an optimization wants to report
+    events: list[str] = field(default_factory=list)  # one-off notes ("vae decode re-run in fp32")
+
+    def reset(self) -> None:
+        self.step, self.total_steps, self.cfg = -1, 0, False
+        self.stats.clear()
+        self.events.clear()
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the schedule done before the current call: 0 at the first call."""
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def begin_denoiser_call(self, pipe) -> None:
+        self.step += 1
+        self.total_steps = int(getattr(pipe, "_num_timesteps", 0) or 0)
+        self.cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        self.stats["denoiser_calls"] += 1
+
+    def end_denoiser_call(self) -> None:
+        """Counted after the call, so an optimization that dropped the unconditional half (and cleared
+        ``cfg``) is not counted as having evaluated it."""
+        if self.cfg:
+            self.stats["unconditional_evals"] += 1

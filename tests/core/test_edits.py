@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from diffspeed import DiffspeedError
+from diffspeed.core import Edits
+
+
+class Thing:
+    existing = "class value"
+
+
+def test_set_attr_restores_values_and_absence():
+    t = Thing()
+    t.own = 1
+    e = Edits()
+    e.set_attr(t, "own", 2)
+    e.set_attr(t, "new", 3)
+    e.set_attr(t, "existing", "instance value")
+    assert (t.own, t.new, t.existing) == (2, 3, "instance value")
+    e.undo()
+    assert t.own == 1 and not hasattr(t, "new") and "existing" not in vars(t) and t.existing == "class value"
+
+
+def test_submodule_replacement_is_undone():
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    old = seq[0]
+    e = Edits()
+    e.set_attr(seq, "0", torch.nn.Identity())
+    assert isinstance(seq[0], torch.nn.Identity)
+    e.undo()
+    assert seq[0] is old
+
+
+def test_wrap_method_per_instance_and_out_of_order_removal_is_refused():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    first, second = Edits("first"), Edits("second")
+    first.wrap_method(a, "forward", lambda inner, x: inner(x) * 0)
+    second.wrap_method(a, "forward", lambda inner, x: inner(x) + 1)
+    x = torch.ones(1, 2)
+    assert torch.equal(a(x), torch.ones(1, 2)) and not torch.equal(b(x), torch.ones(1, 2))
+    assert "forward" not in vars(b)  # the class was not touched
+    with pytest.raises(DiffspeedError, match="reverse order"):
+        first.undo()
+    second.undo()
+    first.undo()
+    assert "forward" not in vars(a)
+
+
+def test_retensor_restores_exact_values_after_lossy_cast():
+    m = torch.nn.Linear(3, 3)
+    w = m.weight.data.clone()
+    e = Edits()
+    e.retensor(m, lambda t: t.half())
+    assert m.weight.dtype == torch.float16
+    e.undo()
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight.data, w)

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from diffspeed.core import Accelerated
+from diffspeed.optim.precision import PrecisionConfig
+
+from .contract import run
+
+
+def test_bf16_everywhere_is_close_to_fp32(tiny_sd):
+    base = run(tiny_sd, steps=6)
+    with Accelerated(tiny_sd, [PrecisionConfig(unet="bf16", text_encoder="bf16", vae="bf16")]) as fast:
+        assert tiny_sd.unet.dtype == torch.bfloat16
+        low = run(fast, steps=6)
+    assert tiny_sd.unet.dtype == torch.float32
+    assert np.abs(low - base).mean() < 0.05
+
+
+def test_mixed_dtypes_cross_component_boundaries(tiny_sdxl):
+    """bf16 UNet with fp32 text encoders and VAE (the --no-half-vae set-up) runs and stays close."""
+    base = run(tiny_sdxl, steps=4)
+    with Accelerated(tiny_sdxl, [PrecisionConfig(unet="bf16")]) as fast:
+        low = run(fast, steps=4)
+    assert np.abs(low - base).mean() < 0.05
+
+
+def _plant_half_overflow(vae):
+    """Make the VAE's decoder overflow only when it runs in half precision, like SD VAEs in fp16."""
+    def hook(module, args, out):
+        if out.dtype in (torch.float16, torch.bfloat16):
+            return out * float("inf")
+        return out
+    return vae.decoder.mid_block.register_forward_hook(hook)
+
+
+def test_nan_guard_redecodes_in_fp32(tiny_sd):
+    handle = _plant_half_overflow(tiny_sd.vae)
+    try:
+        with Accelerated(tiny_sd, [PrecisionConfig(vae="bf16")]) as fast:
+            images = run(fast, steps=3)
+            assert fast.stats["vae_fp32_redecodes"] == 2
+            assert any("re-decoded in fp32" in e for e in fast.events)
+        assert np.isfinite(images).all()
+        with Accelerated(tiny_sd, [PrecisionConfig(vae="bf16", nan_guard=False)]) as fast:
+            unguarded = run(fast, steps=3)
+        assert not np.isfinite(unguarded).all() or (unguarded == 0).mean() > 0.5
+    finally:
+        handle.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 flags matter on CUDA only")
+@pytest.mark.gpu
+def test_tf32_flags_restored():
+    import diffspeed
+
+    pipe = diffspeed.load("tiny-sd", device="cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    with Accelerated(pipe, [PrecisionConfig(tf32=not before)]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before)
+    assert torch.backends.cuda.matmul.allow_tf32 is before
