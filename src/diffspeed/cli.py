@@ -28,6 +28,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="shipped name (tiny-sd, tiny-sdxl), diffusers folder, .safetensors file or hub id")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin (read weights_only)")
+    p.add_argument("--config-dir", default=None, help="diffusers folder whose configs describe a single-file "
+                   "--model (default: detected SD 1.x / 2.x / SDXL full-size configs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--out", default="outputs", help="output folder (created; files are never overwritten)")
@@ -82,10 +84,11 @@ def cmd_generate(args) -> int:
     chosen = next((c for c in recipe.optimizations if c.name == "sampler"), None)
     request = diffspeed.GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps or (chosen and chosen.steps) or 20, cfg_scale=args.cfg_scale, width=args.width,
+        steps=args.steps if args.steps is not None else (chosen and chosen.steps) or 20, cfg_scale=args.cfg_scale, width=args.width,
         height=args.height, batch_size=args.batch_size,
         sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M")
-    pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
+                          config_dir=args.config_dir)
     with diffspeed.accelerate(pipe, recipe) as fast:
         result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None)
         stats, events = fast.stats, fast.events

@@ -64,3 +64,18 @@ def test_model_hash_is_web_ui_short_hash(tmp_path):
     h = model_hash(shipped_path("tiny-sd"))
     assert len(h) == 10 and h == model_hash(shipped_path("tiny-sd"))
     assert h != model_hash(shipped_path("tiny-sdxl"))
+
+
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
+def test_single_file_round_trip_of_the_shipped_model(model, request, tmp_path):
+    from diffspeed.pipelines.single_file import export_single_file
+
+    pipe = request.getfixturevalue(model)
+    name = pipe.diffspeed_model.name
+    path = export_single_file(pipe, tmp_path / f"{name}.safetensors")
+    back = diffspeed.load(path, device="cpu", config_dir=shipped_path(name))
+    assert back.diffspeed_model.kind == "single-file" and type(back) is type(pipe)
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(pipe, part).state_dict(), getattr(back, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert back.diffspeed_model.hash == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
