@@ -84,8 +84,8 @@ def cmd_generate(args) -> int:
     chosen = next((c for c in recipe.optimizations if c.name == "sampler"), None)
     request = diffspeed.GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps if args.steps is not None else (chosen and chosen.steps) or 20, cfg_scale=args.cfg_scale, width=args.width,
-        height=args.height, batch_size=args.batch_size,
+        steps=args.steps if args.steps is not None else ((chosen and chosen.steps) or 20),
+        cfg_scale=args.cfg_scale, width=args.width, height=args.height, batch_size=args.batch_size,
         sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M")
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)

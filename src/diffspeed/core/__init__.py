@@ -2,7 +2,14 @@
 
 from diffspeed.core.accelerate import Accelerated, accelerate
 from diffspeed.core.edits import Edits
-from diffspeed.core.optimization import OptConfig, Optimization, all_optimizations, get_optimization, param, register
+from diffspeed.core.optimization import (
+           OptConfig,
+           Optimization,
+           all_optimizations,
+           get_optimization,
+           param,
+           register,
+)
 from diffspeed.core.recipe import Recipe, RecipeError
 from diffspeed.core.state import RunState
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.core.tensors import map_tensors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,13 +29,7 @@ class CfgCutoffConfig(OptConfig):
 
 def _second_half(x, n: int):
     """The conditional half of every batch-shaped tensor in ``x`` (tensors, tuples, lists, dicts)."""
-    if isinstance(x, torch.Tensor):
-        return x[n:] if x.dim() > 0 and x.shape[0] == 2 * n else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_second_half(v, n) for v in x)
-    if isinstance(x, dict):
-        return {k: _second_half(v, n) for k, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: t[n:] if t.dim() > 0 and t.shape[0] == 2 * n else t)
 
 
 @register

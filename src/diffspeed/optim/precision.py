@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.core.tensors import map_tensors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _D = tuple(DTYPES)
@@ -35,13 +36,7 @@ class PrecisionConfig(OptConfig):
 
 
 def _cast(x, dtype):
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_cast(v, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: _cast(v, dtype) for k, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
 
 
 def _sample_of(out):
