@@ -235,6 +235,8 @@ def train_unet(args) -> None:
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     held = {s.caption() for s in held_out_scenes()}
+    state.setdefault("legs", []).append({"start_step": state["step"], "lr": args.lr, "batch": args.batch,
+                                         "threads": torch.get_num_threads(), "minutes_budget": args.minutes})
     log(f"{family}: UNet {n_params(unet) / 1e6:.2f} M params; steps {state['step']}..{args.max_steps}, "
         f"leg budget {args.minutes} min")
     unet.train()
