@@ -34,8 +34,8 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("DDIM", "DDIMScheduler"),
     Sampler("PNDM", "PNDMScheduler", {"skip_prk_steps": True}),
-    Sampler("LMS", "LMSDiscreteScheduler"),
-    Sampler("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    Sampler("LMS", "LMSDiscreteScheduler", needs="scipy"),
+    Sampler("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}, needs="scipy"),
     Sampler("Euler", "EulerDiscreteScheduler"),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
     Sampler("Heun", "HeunDiscreteScheduler"),
