@@ -32,16 +32,23 @@ class ModelInfo:
         return model_hash(self.path) if self.path is not None else ""
 
 
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from itself or a name: fp32/fp16/bf16, float16, torch.bfloat16, half ..."""
+    if dtype is None:
+        return None
+    name = str(dtype).lower().removeprefix("torch.") if isinstance(dtype, str) else None
+    value = _DTYPES.get(name, getattr(torch, name, None)) if name is not None else dtype
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise DiffspeedError(f"dtype must be fp32, fp16 or bf16 (or another floating-point torch dtype such as "
+                         f"torch.float16); got {dtype!r}", field="dtype")
+
+
 def resolve_dtype(dtype, device: str) -> torch.dtype:
     """``None`` means fp16 on an accelerator and fp32 on the CPU (where half matmuls are slow or missing)."""
     if dtype is None:
         return torch.float32 if device == "cpu" else torch.float16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise DiffspeedError(f"dtype must be one of fp32, fp16, bf16; got {dtype!r}", field="dtype") from None
+    return parse_dtype(dtype)
 
 
 def resolve_device(device) -> str:

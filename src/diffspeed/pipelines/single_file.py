@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffspeed.errors import DiffspeedError
+from diffspeed.pipelines.load import parse_dtype
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER_DIR = CONFIG_ROOT / "clip-tokenizer"
@@ -113,7 +114,7 @@ def original_state_dict(pipe, *, dtype=None) -> dict[str, torch.Tensor]:
     for attr, prefix, layout in _TEXT_SLOTS[family]:
         encoder = _unwrap(getattr(pipe, attr))
         _merge(out, prefix, _hf_clip_state(encoder) if layout == "hf" else _openclip_to_original(encoder))
-    dtype = _as_dtype(dtype)
+    dtype = parse_dtype(dtype)
     if dtype is not None:
         out = {k: t.to(dtype) if t.is_floating_point() else t for k, t in out.items()}
     return out
@@ -322,7 +323,7 @@ def load_single_file(path: str | Path, *, dtype=None, config_dir: str | Path | N
     path = Path(path)
     if not path.is_file():
         raise DiffspeedError(f"checkpoint not found: {path}", field="path")
-    torch_dtype = _as_dtype(dtype) or torch.float32
+    torch_dtype = parse_dtype(dtype) or torch.float32
     if not _is_pickle(path):
         family = detect_family(_read_skeleton(path))
         return _build_pipeline(path, family, config_dir, torch_dtype)
@@ -516,17 +517,6 @@ def _global_step(state_dict: Mapping):
     if isinstance(step, torch.Tensor):
         return None if step.is_meta or step.numel() != 1 else int(step.item())
     return step
-
-
-def _as_dtype(dtype):
-    """Accept a floating torch dtype or its name ("float16", "torch.bfloat16")."""
-    if dtype is None:
-        return None
-    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if isinstance(value, torch.dtype) and value.is_floating_point:
-        return value
-    raise DiffspeedError(f"dtype must be a floating-point torch dtype such as torch.float16, got {dtype!r}",
-                         field="dtype")
 
 
 def _first_line(err: BaseException) -> str:
