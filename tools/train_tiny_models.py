@@ -22,6 +22,7 @@ Design (see shared/notes/tiny-model-training.md for the measurements behind it):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -163,8 +164,26 @@ def vae_quality(vae, seed: int) -> tuple[float, dict, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- UNet
-def assemble(family: str, unet=None):
-    """The pipeline for ``family``: frozen text encoders + trained VAE (+ ``unet`` or the saved one)."""
+def text_encoders(family: str, d: Path) -> list:
+    """The saved text encoder(s) of ``d`` in fp32, or fresh seeded random ones before the first save."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family == "sd":
+        specs = [("text_encoder", CLIPTextModel, dict(hidden=128, seed=11))]
+    else:
+        specs = [("text_encoder", CLIPTextModel, dict(hidden=64, seed=21)),
+                 ("text_encoder_2", CLIPTextModelWithProjection, dict(hidden=64, seed=22, projection=True))]
+    out = []
+    for sub, cls, kw in specs:
+        if (d / sub / "config.json").exists():
+            out.append(cls.from_pretrained(d / sub, torch_dtype=torch.float32).eval().requires_grad_(False))
+        else:
+            out.append(frozen_text_encoder(**kw))
+    return out
+
+
+def assemble(family: str, unet=None, encoders=None):
+    """The pipeline for ``family``: text encoder(s) + trained VAE (+ ``unet`` or the saved one)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -177,12 +196,13 @@ def assemble(family: str, unet=None):
 
     d = MODELS / NAMES[family]
     vae = AutoencoderKL.from_pretrained(d / "vae", torch_dtype=torch.float32)
+    encoders = encoders or text_encoders(family, d)
     if unet is None:
         unet = UNet2DConditionModel.from_pretrained(d / "unet", torch_dtype=torch.float32)
     if family == "sd":
         write_tokenizer(d / "tokenizer", "<|endoftext|>")
         return StableDiffusionPipeline(
-            vae=vae, text_encoder=frozen_text_encoder(128, seed=11), tokenizer=CLIPTokenizer.from_pretrained(
+            vae=vae, text_encoder=encoders[0], tokenizer=CLIPTokenizer.from_pretrained(
                 d / "tokenizer"), unet=unet, scheduler=PNDMScheduler(skip_prk_steps=True, **{
                     k: v for k, v in SCHEDULER.items() if k != "clip_sample"}),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -190,14 +210,12 @@ def assemble(family: str, unet=None):
     write_tokenizer(d / "tokenizer_2", "!")
     sched = {k: v for k, v in SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")}
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=frozen_text_encoder(64, seed=21),
-        text_encoder_2=frozen_text_encoder(64, seed=22, projection=True),
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
         tokenizer=CLIPTokenizer.from_pretrained(d / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(d / "tokenizer_2"), unet=unet,
         scheduler=EulerDiscreteScheduler(**sched), force_zeros_for_empty_prompt=True)
 
 
-@torch.no_grad()
 def conditioning(pipe, family: str, captions: list[str]) -> dict:
     """Exactly what the pipeline feeds the UNet at inference (dropped captions -> its unconditional input)."""
     if family == "sd":
@@ -207,8 +225,9 @@ def conditioning(pipe, family: str, captions: list[str]) -> dict:
                                            do_classifier_free_guidance=False)
     empty = torch.tensor([c == "" for c in captions])
     # force_zeros_for_empty_prompt: SDXL's unconditional branch is all zeros, so dropout trains on zeros
-    emb[empty] = 0
-    pooled[empty] = 0
+    keep = (~empty).to(emb.dtype)
+    emb = emb * keep[:, None, None]
+    pooled = pooled * keep[:, None]
     time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=emb.dtype).repeat(len(captions), 1)
     return {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
@@ -230,13 +249,27 @@ def train_unet(args) -> None:
         cross = 128
         unet = build_unet(family, cross_dim=cross, pooled_dim=64 if family == "sdxl" else 0)
     pipe = assemble(family, unet)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    text_params = []
+    if args.text_lr > 0:  # train the encoders' transformer layers; token embeddings stay frozen (no collapse)
+        for enc in encoders:
+            enc.train()
+            for name, prm in enc.named_parameters():
+                prm.requires_grad_("token_embedding" not in name)
+                if prm.requires_grad:
+                    text_params.append(prm)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = [{k: v.detach().clone() for k, v in enc.state_dict().items()} for enc in encoders]
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("steps_offset", "set_alpha_to_one")})
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    groups = [{"params": list(unet.parameters()), "base_lr": args.lr}]
+    if text_params:
+        groups.append({"params": text_params, "base_lr": args.text_lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     held = {s.caption() for s in held_out_scenes()}
     state.setdefault("legs", []).append({"start_step": state["step"], "lr": args.lr, "batch": args.batch,
-                                         "threads": torch.get_num_threads(), "minutes_budget": args.minutes})
+                                         "threads": torch.get_num_threads(), "minutes_budget": args.minutes,
+                                         "text_lr": args.text_lr})
     log(f"{family}: UNet {n_params(unet) / 1e6:.2f} M params; steps {state['step']}..{args.max_steps}, "
         f"leg budget {args.minutes} min")
     unet.train()
@@ -245,7 +278,7 @@ def train_unet(args) -> None:
     while state["step"] < args.max_steps and (time.time() - t_leg) < args.minutes * 60:
         step = state["step"]
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (leg_steps + 1) / 200)
+            g["lr"] = g["base_lr"] * min(1.0, (leg_steps + 1) / 200)
         rng = np.random.default_rng([args.seed, 2, step])
         x, caps = training_batch(rng, args.batch, held)
         caps = ["" if rng.random() < 0.1 else c for c in caps]
@@ -254,17 +287,24 @@ def train_unet(args) -> None:
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, 1000, (len(caps),), generator=gen)
-        pred = unet(sched.add_noise(lat, noise, t), t, **conditioning(pipe, family, caps)).sample
+        with torch.set_grad_enabled(bool(text_params)):
+            cond = conditioning(pipe, family, caps)
+        pred = unet(sched.add_noise(lat, noise, t), t, **cond).sample
         w = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + text_params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in unet.state_dict().items():
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+            if text_params:
+                for enc, e in zip(encoders, ema_text):
+                    for k, v in enc.state_dict().items():
+                        e[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point \
+                            else e[k].copy_(v)
         state["step"] += 1
         leg_steps += 1
         now = time.time()
@@ -273,12 +313,12 @@ def train_unet(args) -> None:
         if state["step"] % 50 == 0:
             log(f"{family} step {state['step']} loss {loss.item():.4f} ({now - t_leg:.0f}s this leg)")
         if state["step"] % args.save_every == 0 or state["step"] >= args.max_steps:
-            save_unet(pipe, ema, d, state, family, args)
+            save_unet(pipe, ema, ema_text, d, state, family, args)
             t_last = time.time()
-    save_unet(pipe, ema, d, state, family, args)
+    save_unet(pipe, ema, ema_text, d, state, family, args)
 
 
-def save_unet(pipe, ema: dict, d: Path, state: dict, family: str, args) -> None:
+def save_unet(pipe, ema: dict, ema_text: list, d: Path, state: dict, family: str, args) -> None:
     from diffusers import UNet2DConditionModel
 
     if state.get("saved_step") == state["step"]:
@@ -286,10 +326,16 @@ def save_unet(pipe, ema: dict, d: Path, state: dict, family: str, args) -> None:
     unet = UNet2DConditionModel.from_config(pipe.unet.config)
     unet.load_state_dict(ema)
     unet.eval()
-    ev = assemble(family, unet)
+    encs = []
+    for enc, e in zip([pipe.text_encoder, getattr(pipe, "text_encoder_2", None)], ema_text):
+        clone = copy.deepcopy(enc).float()  # not from enc.config: saving in fp16 below rewrites its dtype
+        clone.load_state_dict(e)
+        encs.append(clone.eval().requires_grad_(False))
+    ev = assemble(family, unet, encs)
+    sep = background_separation(ev)
     res = run_colour_check(ev, held_out_scenes()[:args.eval_prompts], steps=20, seed=0)
     state["evals"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 1),
-                           "background": res.background_accuracy, "shape": res.shape_accuracy})
+                           "background": res.background_accuracy, "shape": res.shape_accuracy, **sep})
     ev.to(torch.float16)
     ev.save_pretrained(d)  # the shipped model is the checkpoint: fp16, EMA weights
     state["saved_step"] = state["step"]
@@ -300,7 +346,36 @@ def save_unet(pipe, ema: dict, d: Path, state: dict, family: str, args) -> None:
                        "threads": torch.get_num_threads()}
     (d / "training.json").write_text(json.dumps(state, indent=2))
     log(f"{family}: saved step {state['step']} ({state['seconds'] / 60:.1f} min); held-out check on "
-        f"{res.images}: background {res.background_accuracy:.0%}, shape {res.shape_accuracy:.0%}")
+        f"{res.images}: background {res.background_accuracy:.0%}, shape {res.shape_accuracy:.0%}; {sep}")
+
+
+@torch.no_grad()
+def background_separation(pipe) -> dict:
+    """How well the text encoding tells prompts apart (watch for collapse, see the module docstring).
+
+    ``bg_token_cos``: mean cosine between the "background" token's embeddings of captions that differ only in
+    the background colour (1.0 = the colour is invisible there). ``prompt_cos``: mean cosine between whole
+    embeddings of different held-out captions (rising towards 1 = collapse).
+    """
+    from diffspeed.tiny.data import COLOURS
+
+    caps = [f"a red circle at top left and a yellow star at center on a {c} background" for c in COLOURS]
+    if hasattr(pipe, "text_encoder_2"):
+        emb = pipe.encode_prompt(caps, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    else:
+        emb = pipe.encode_prompt(caps, "cpu", 1, False)[0]
+    pos = pipe.tokenizer(caps[0]).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("background</w>"))
+    tok = F.normalize(emb[:, pos], dim=-1)
+    n = len(caps)
+    bg = ((tok @ tok.T).sum() - n) / (n * (n - 1))
+    held = [s.caption() for s in held_out_scenes()[:16]]
+    if hasattr(pipe, "text_encoder_2"):
+        e = pipe.encode_prompt(held, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    else:
+        e = pipe.encode_prompt(held, "cpu", 1, False)[0]
+    e = F.normalize(e.flatten(1), dim=-1)
+    pc = ((e @ e.T).sum() - len(held)) / (len(held) * (len(held) - 1))
+    return {"bg_token_cos": round(bg.item(), 4), "prompt_cos": round(pc.item(), 4)}
 
 
 # ---------------------------------------------------------------------------------------------------- card
@@ -417,6 +492,8 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--eval-prompts", type=int, default=30)
     ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--text-lr", type=float, default=0.0,
+                    help="also train the text encoders' transformer layers at this lr (0: keep them frozen)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
