@@ -25,6 +25,9 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
     (["--width", "100"], "width"), (["--height", "8"], "height"), (["--steps", "0"], "steps"),
     (["--sampler", "Fastest"], "sampler"), (["--model", "missing.safetensors"], "model"),
     (["--cfg-scale", "-2"], "cfg_scale"), (["--batch-size", "0"], "batch_size"),
+    (["--init-image", "nowhere.png"], "init_image"), (["--mask", "nowhere.png"], "mask_image"),
+    (["--denoising-strength", "2"], "denoising_strength"), (["--hires-scale", "9"], "hires_scale"),
+    (["--hires-upscaler", "magic"], "hires_upscaler"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
     rc = main(["generate", PROMPT, "--out", str(tmp_path), *args])
@@ -47,3 +50,26 @@ def test_console_script_usage_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--steps" in proc.stderr
+
+
+def test_generate_img2img_inpaint_and_hires_from_the_command_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (30, 70, 220)).save(init)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[20:44, 20:44] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "out"
+    assert main(["generate", PROMPT, "--seed", "1", "--steps", "4", "--out", str(out), "--init-image", str(init),
+                 "--denoising-strength", "0.5"]) == 0
+    assert main(["generate", PROMPT, "--seed", "1", "--steps", "4", "--out", str(out), "--init-image", str(init),
+                 "--mask", str(mask)]) == 0
+    assert main(["generate", PROMPT, "--seed", "1", "--steps", "4", "--out", str(out), "--hires-scale", "1.5",
+                 "--hires-upscaler", "lanczos"]) == 0
+    a, b, c = (read_parameters(p) for p in sorted(out.glob("*.png")))
+    assert a["Denoising strength"] == "0.5" and a["Size"] == "64x64"
+    assert b["Mask blur"] == "4" and b["Denoising strength"] == "0.75"
+    assert c["Size"] == "96x96" and c["Hires upscaler"] == "Lanczos" and c["Hires upscale"] == "1.5"

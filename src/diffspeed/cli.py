@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 def _add_generate(sub) -> None:
     from diffspeed.pipelines.load import DEFAULT_MODEL
     from diffspeed.pipelines.samplers import SAMPLERS
+    from diffspeed.pipelines.workflows import HIRES_UPSCALERS
 
     p = sub.add_parser("generate", help="text to image; writes PNGs with web-UI 'parameters' metadata")
     p.add_argument("prompt")
@@ -33,6 +34,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--out", default="outputs", help="output folder (created; files are never overwritten)")
+    w = p.add_argument_group("img2img / inpaint / hires fix")
+    w.add_argument("--init-image", default=None, help="img2img: start from this image (size: the image's, or "
+                   "--width/--height)")
+    w.add_argument("--mask", default=None, help="inpaint: mask image, white = repaint (needs --init-image)")
+    w.add_argument("--denoising-strength", type=float, default=None,
+                   help="0..1 (default 0.75 for img2img/inpaint, 0.7 for the hires pass)")
+    w.add_argument("--mask-blur", type=int, default=4, help="inpaint mask edge blur in pixels, 0..64")
+    w.add_argument("--no-overlay", action="store_true",
+                   help="inpaint: keep the generated pixels outside the mask instead of pasting the original")
+    w.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale factor 1..4 (1 = off)")
+    w.add_argument("--hires-steps", type=int, default=0, help="hires fix: second-pass steps (0 = --steps)")
+    w.add_argument("--hires-upscaler", default="Latent", help=f"hires fix upscaler: {', '.join(HIRES_UPSCALERS)}")
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
@@ -86,12 +99,15 @@ def cmd_generate(args) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps if args.steps is not None else ((chosen and chosen.steps) or 20),
         cfg_scale=args.cfg_scale, width=args.width, height=args.height, batch_size=args.batch_size,
-        sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M")
+        sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M", init_image=args.init_image,
+        mask_image=args.mask, denoising_strength=args.denoising_strength, mask_blur=args.mask_blur,
+        inpaint_overlay=not args.no_overlay, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
+        hires_upscaler=args.hires_upscaler)
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)
     with diffspeed.accelerate(pipe, recipe) as fast:
         result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None)
-        stats, events = fast.stats, fast.events
+        stats, events = result.stats, fast.events
     for path in diffspeed.save_images(result, args.out):
         print(path)
     if recipe.optimizations:

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 
 from diffspeed import __version__
 from diffspeed.errors import DiffspeedError, check_range
 from diffspeed.pipelines.samplers import get_sampler
+from diffspeed.pipelines.workflows import (
+    canonical_upscaler,
+    fit_size,
+    hires_upscaler,
+    load_image,
+    paste_outside_mask,
+    prepare_mask,
+    upscale_images,
+    upscale_latents,
+    vae_round_trip,
+    workflow_pipeline,
+)
 from diffspeed.pngmeta import format_parameters, save_png
 
 MAX_SEED = 2**32 - 1
@@ -28,6 +43,16 @@ class GenerateRequest:
     height: int | None = None
     batch_size: int = 1  # images per call, 1..64, seeds seed, seed+1, ...
     sampler: str = "DPM++ 2M"  # a web-UI sampler name, see diffspeed.pipelines.samplers.SAMPLERS
+    # img2img / inpaint: an init image (path, PIL image or array) and, for inpaint, a mask (white = repaint)
+    init_image: Any = None
+    mask_image: Any = None
+    denoising_strength: float | None = None  # 0..1; None: 0.75 for img2img / inpaint, 0.7 for the hires pass
+    mask_blur: int = 4  # pixels of Gaussian blur on the mask edge, 0..64 (the web UI's "Mask blur")
+    inpaint_overlay: bool = True  # paste the original back outside the (blurred) mask, as the web UI does
+    # hires fix (txt2img only): a first pass at width x height, upscale, then an img2img pass at the new size
+    hires_scale: float = 1.0  # 1 = off; 1..4
+    hires_steps: int = 0  # second-pass steps, 0 = the same as steps
+    hires_upscaler: str = "Latent"  # see diffspeed.pipelines.workflows.HIRES_UPSCALERS
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -43,6 +68,36 @@ class GenerateRequest:
                 if value % 8:
                     raise DiffspeedError(f"{name} must be a multiple of 8 in [64, 2048], got {value}", field=name)
         get_sampler(self.sampler)
+        if self.denoising_strength is not None:
+            check_range("denoising_strength", self.denoising_strength, 0.0, 1.0, kind=float)
+        check_range("mask_blur", self.mask_blur, 0, 64)
+        check_range("hires_scale", self.hires_scale, 1.0, 4.0, kind=float)
+        check_range("hires_steps", self.hires_steps, 0, 1000)
+        hires_upscaler(self.hires_upscaler)
+        for name in ("init_image", "mask_image"):  # fail before any model is loaded
+            value = getattr(self, name)
+            if isinstance(value, (str, Path)) and not Path(value).expanduser().is_file():
+                raise DiffspeedError(f"{name}: no such image file: {value}", field=name)
+        if self.mask_image is not None and self.init_image is None:
+            raise DiffspeedError("mask_image needs an init_image to inpaint", field="mask_image")
+        if self.hires_scale > 1 and self.init_image is not None:
+            raise DiffspeedError("hires fix (hires_scale > 1) is a txt2img option; with an init_image use "
+                                 "img2img at the size you want", field="hires_scale")
+
+    @property
+    def workflow(self) -> str:
+        """"inpaint", "img2img", "hires" or "txt2img", from the fields that are set."""
+        if self.mask_image is not None:
+            return "inpaint"
+        if self.init_image is not None:
+            return "img2img"
+        return "hires" if self.hires_scale > 1 else "txt2img"
+
+    @property
+    def strength(self) -> float:
+        if self.denoising_strength is not None:
+            return self.denoising_strength
+        return 0.7 if self.workflow == "hires" else 0.75
 
 
 @dataclass
@@ -65,27 +120,34 @@ def native_size(pipe) -> tuple[int, int]:
 
 
 def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=None) -> GenerateResult:
-    """Run ``request`` on ``pipe`` (or on ``runner``, a callable like it, e.g. an accelerated pipeline).
+    """Run ``request`` on ``pipe``: txt2img, img2img, inpaint or hires fix, whichever its fields ask for.
 
-    The pipeline's scheduler is swapped for the requested sampler for this call only.
+    ``runner`` is an :class:`~diffspeed.core.accelerate.Accelerated` wrapping ``pipe`` (or any callable like
+    the pipeline, for txt2img only). The pipeline's scheduler is swapped for the requested sampler for this
+    call only. ``result.stats`` sums the runner's statistics over every pass (hires fix makes two).
     """
-    w0, h0 = native_size(pipe)
-    width, height = request.width or w0, request.height or h0
+    kind = request.workflow
     seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - request.batch_size)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.batch_size)]
-    device = pipe._execution_device
-    gens = [torch.Generator("cpu" if device.type == "mps" else device).manual_seed(s) for s in seeds]
     sampler = get_sampler(request.sampler)
+    run = _Runner(pipe, runner, seeds)
+    common = dict(prompt=[request.prompt] * request.batch_size,
+                  negative_prompt=[request.negative_prompt] * request.batch_size if request.negative_prompt else None,
+                  guidance_scale=request.cfg_scale)
+    extra: dict[str, Any] = {}
     original = pipe.scheduler
     pipe.scheduler = sampler.build(original.config)
     pipe.set_progress_bar_config(disable=not progress)
     try:
         t0 = time.perf_counter()
-        out = (runner or pipe)(
-            prompt=[request.prompt] * request.batch_size,
-            negative_prompt=[request.negative_prompt] * request.batch_size if request.negative_prompt else None,
-            num_inference_steps=request.steps, guidance_scale=request.cfg_scale, width=width, height=height,
-            generator=gens)
+        if kind == "txt2img":
+            width, height = _txt2img_size(pipe, request)
+            images = run(pipe, **common, num_inference_steps=request.steps, width=width, height=height).images
+            steps_done = request.steps
+        elif kind == "hires":
+            images, (width, height), steps_done, extra = _hires(pipe, request, run, common)
+        else:
+            images, (width, height), steps_done, extra = _img2img(pipe, request, run, common, kind)
         seconds = time.perf_counter() - t0
     finally:
         pipe.scheduler = original
@@ -93,8 +155,107 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
     params = [format_parameters(request.prompt, request.negative_prompt, {
         "Steps": request.steps, "Sampler": sampler.name, "CFG scale": request.cfg_scale, "Seed": s,
         "Size": f"{width}x{height}", **({"Model hash": info.hash, "Model": info.name} if info else {}),
-        "Version": f"diffspeed {__version__}"}) for s in seeds]
-    return GenerateResult(list(out.images), seeds, params, seconds, request.steps / seconds)
+        **extra, "Version": f"diffspeed {__version__}"}) for s in seeds]
+    return GenerateResult(list(images), seeds, params, seconds, steps_done / seconds if seconds else 0.0,
+                          stats=dict(run.stats))
+
+
+class _Runner:
+    """Calls a (workflow) pipeline directly or through the accelerated runner, with fresh seeded generators
+    per pass, and sums the runner's statistics over the passes."""
+
+    def __init__(self, pipe, runner, seeds: list[int]):
+        self.pipe, self.runner, self.seeds = pipe, runner, seeds
+        self.stats: Counter = Counter()
+        device = pipe._execution_device
+        self.gen_device = "cpu" if device.type == "mps" else device
+
+    def __call__(self, target, **kwargs):
+        gens = [torch.Generator(self.gen_device).manual_seed(s) for s in self.seeds]
+        target.set_progress_bar_config(disable=self.pipe._progress_bar_config.get("disable", False))
+        if self.runner is None:
+            return target(**kwargs, generator=gens)
+        if hasattr(self.runner, "run"):
+            out = self.runner.run(target, **kwargs, generator=gens)
+            self.stats.update(getattr(self.runner, "stats", {}))
+            return out
+        if target is not self.pipe:
+            raise DiffspeedError("a plain callable runner only runs txt2img; pass an Accelerated runner",
+                                 field="runner")
+        return self.runner(**kwargs, generator=gens)
+
+
+def _txt2img_size(pipe, request: GenerateRequest) -> tuple[int, int]:
+    w0, h0 = native_size(pipe)
+    return request.width or w0, request.height or h0
+
+
+def _denoising_steps(steps: int, strength: float) -> int:
+    """Steps an img2img pass actually runs (diffusers and the web UI both run ``int(steps * strength)``)."""
+    return min(int(steps * strength), steps)
+
+
+def _img2img(pipe, request: GenerateRequest, run: _Runner, common: dict, kind: str):
+    init = load_image(request.init_image, "init_image")
+    size = fit_size(init, request.width, request.height)
+    _check_multiple(pipe, size)
+    if init.size != size:
+        init = init.resize(size, Image.Resampling.LANCZOS)  # the web UI's "Just resize"
+    strength = request.strength
+    n = request.batch_size
+    extra: dict[str, Any] = {"Denoising strength": strength}
+    mask = None
+    if kind == "inpaint":
+        mask = prepare_mask(load_image(request.mask_image, "mask_image", mode="L"), size, request.mask_blur)
+        extra["Mask blur"] = request.mask_blur
+    steps_done = _denoising_steps(request.steps, strength)
+    if steps_done == 0:  # nothing to denoise: the init image through the VAE, as every step is skipped
+        images = vae_round_trip(pipe, [init] * n)
+    elif kind == "img2img" and strength >= 1.0:
+        # full strength starts from pure noise, as txt2img does: diffusers' img2img would noise the init image
+        # to its first timestep, where SD's schedule still keeps ~7-15 % of it
+        images = run(pipe, **common, num_inference_steps=request.steps, width=size[0], height=size[1]).images
+    else:
+        sub = workflow_pipeline(pipe, kind)
+        kwargs = dict(common, image=[init] * n, strength=strength, num_inference_steps=request.steps)
+        if kind == "inpaint":
+            kwargs.update(mask_image=[mask] * n, width=size[0], height=size[1])
+        images = run(sub, **kwargs).images
+    if mask is not None and request.inpaint_overlay:
+        images = [paste_outside_mask(init, im, mask) for im in images]
+    return images, size, steps_done, extra
+
+
+def _hires(pipe, request: GenerateRequest, run: _Runner, common: dict):
+    width, height = _txt2img_size(pipe, request)
+    big = (round(width * request.hires_scale / 8) * 8, round(height * request.hires_scale / 8) * 8)
+    if max(big) > 2048:
+        raise DiffspeedError(f"hires_scale {request.hires_scale} makes {big[0]}x{big[1]}; the hires size must "
+                             f"be at most 2048x2048", field="hires_scale")
+    _check_multiple(pipe, big)
+    kind, mode = hires_upscaler(request.hires_upscaler)
+    first = run(pipe, **common, num_inference_steps=request.steps, width=width, height=height,
+                output_type="latent" if kind == "latent" else "pil").images
+    if kind == "latent":
+        f = pipe.vae_scale_factor
+        image = upscale_latents(first, (big[0] // f, big[1] // f), mode)
+    else:
+        image = upscale_images(list(first), big, mode)
+    steps2 = request.hires_steps or request.steps
+    strength = request.strength
+    second = run(workflow_pipeline(pipe, "img2img"), **common, image=image, strength=strength,
+                 num_inference_steps=steps2).images
+    extra = {"Denoising strength": strength, "Hires upscale": request.hires_scale,
+             **({"Hires steps": request.hires_steps} if request.hires_steps else {}),
+             "Hires upscaler": canonical_upscaler(request.hires_upscaler)}
+    return second, big, request.steps + _denoising_steps(steps2, strength), extra
+
+
+def _check_multiple(pipe, size: tuple[int, int]) -> None:
+    f = pipe.vae_scale_factor
+    for name, v in zip(("width", "height"), size):
+        if v % 8 or v % f:
+            raise DiffspeedError(f"{name} must be a multiple of {max(8, f)}, got {v}", field=name)
 
 
 def save_images(result: GenerateResult, folder: str | Path) -> list[Path]:

@@ -27,7 +27,7 @@ class Accelerated:
         self.stats: dict[str, int] = {}
         self.events: list[str] = []
         self._own = Edits("accelerate")
-        self._own.forward_pre_hook(pipe.unet, lambda *_: self.state.begin_denoiser_call(pipe))
+        self._own.forward_pre_hook(pipe.unet, lambda *_: self.state.begin_denoiser_call(self.state.pipeline or pipe))
         self._own.forward_hook(pipe.unet, lambda *_: self.state.end_denoiser_call())
         self.optimizations: list[Optimization] = []
         try:
@@ -44,10 +44,18 @@ class Accelerated:
         return [o.name for o in self.optimizations]
 
     def __call__(self, *args: Any, **kwargs: Any):
+        return self.run(self.pipe, *args, **kwargs)
+
+    def run(self, target, *args: Any, **kwargs: Any):
+        """Call ``target`` -- this pipeline or a workflow pipeline sharing its components (img2img, inpaint,
+        see :func:`diffspeed.pipelines.workflows.workflow_pipeline`) -- with the recipe in effect."""
+        if target is not self.pipe and getattr(target, "unet", None) is not self.pipe.unet:
+            raise ValueError("Accelerated.run: the target pipeline must share this pipeline's UNet")
         self.state.reset()
+        self.state.pipeline = target
         for opt in self.optimizations:
             opt.reset()
-        call = self.pipe.__call__
+        call = target.__call__
         for opt in self.optimizations:  # the first applied ends up innermost
             call = opt.wrap_call(call)
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -17,9 +18,10 @@ class RunState:
     cfg: bool = False  # the current denoiser batch is [unconditional, conditional] (classifier-free guidance)
     stats: Counter = field(default_factory=Counter)  # counts an optimization wants to report
     events: list[str] = field(default_factory=list)  # one-off notes ("vae decode re-run in fp32")
+    pipeline: Any = None  # the pipeline object running this call (the loaded one, or a workflow pipeline)
 
     def reset(self) -> None:
-        self.step, self.total_steps, self.cfg = -1, 0, False
+        self.step, self.total_steps, self.cfg, self.pipeline = -1, 0, False, None
         self.stats.clear()
         self.events.clear()
 

@@ -198,6 +198,11 @@ class Staged(Optimization):
 
     def wrap_call(self, call):
         def staged_call(*args, **kwargs):
+            running = self.state.pipeline
+            if running is not None and running is not self.pipe:  # img2img / inpaint / hires second pass
+                self.state.events.append(f"staged: ran unstaged ({type(running).__name__} is not the "
+                                         "text-to-image pipeline it stages)")
+                return call(*args, **kwargs)
             try:
                 kw = self._bind(args, kwargs)
             except TypeError:
