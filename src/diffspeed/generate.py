@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffspeed import __version__
 from diffspeed.errors import DiffspeedError, check_range
+from diffspeed.pipelines.lora import lora_parameters
 from diffspeed.pipelines.samplers import get_sampler
 from diffspeed.pipelines.workflows import (
     canonical_upscaler,
@@ -155,7 +156,7 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
     params = [format_parameters(request.prompt, request.negative_prompt, {
         "Steps": request.steps, "Sampler": sampler.name, "CFG scale": request.cfg_scale, "Seed": s,
         "Size": f"{width}x{height}", **({"Model hash": info.hash, "Model": info.name} if info else {}),
-        **extra, "Version": f"diffspeed {__version__}"}) for s in seeds]
+        **extra, **lora_parameters(pipe), "Version": f"diffspeed {__version__}"}) for s in seeds]
     return GenerateResult(list(images), seeds, params, seconds, steps_done / seconds if seconds else 0.0,
                           stats=dict(run.stats))
 

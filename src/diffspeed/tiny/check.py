@@ -104,3 +104,55 @@ def run_colour_check(pipe, scenes: list[Scene], *, steps: int = 25, guidance_sca
                    generator=gens, output_type="pil")
         images.extend(out.images)
     return score_images(images, scenes)
+
+
+def saturation(images) -> float:
+    """Mean HSV-style saturation (max - min over RGB, in [0, 1]) of PIL images or HxWx3 uint8 arrays: what the
+    monochrome example LoRA takes away."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    return float((arr.max(-1) - arr.min(-1)).mean())
+
+
+def foreground(image, threshold: float = 60.0) -> np.ndarray:
+    """Boolean HxW map of the pixels that differ from the image's median colour by more than ``threshold``
+    (sum of absolute RGB differences, 0-765): on a plain background, where the shapes are. The ControlNet
+    check uses it to see whether the shapes went where the control mask put them."""
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    median = np.median(arr.reshape(-1, 3), axis=0)
+    return np.abs(arr - median).sum(-1) > threshold
+
+
+def mask_iou(image, mask, threshold: float = 60.0) -> float:
+    """Intersection over union of :func:`foreground` of ``image`` and ``mask`` (white = shape, > 50 %)."""
+    fg = foreground(image, threshold)
+    if isinstance(mask, Image.Image):
+        mask = mask.convert("L").resize(fg.shape[::-1], Image.Resampling.BILINEAR)
+    m = np.asarray(mask, dtype=np.float32)
+    m = m > (127.5 if m.max() > 1 else 0.5)
+    union = (fg | m).sum()
+    return float((fg & m).sum() / union) if union else 1.0
+
+
+def ssim(a, b) -> float:
+    """Mean structural similarity of two RGB images (PIL or HxWx3 uint8), averaged over channels.
+
+    Wang et al. 2004, "Image quality assessment: from error visibility to structural similarity": Gaussian
+    window sigma 1.5, K1 = 0.01, K2 = 0.03, data range 255 -- the paper's settings, and scikit-image's with
+    ``gaussian_weights=True, use_sample_covariance=False``. Here so tests need no scikit-image.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: images differ in shape, {x.shape} vs {y.shape}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def blur(z):
+        return gaussian_filter(z, sigma=(1.5, 1.5, 0), truncate=3.5)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    pad = 5  # like skimage: drop (win_size - 1) // 2 border pixels, win_size = 2 * int(3.5 * 1.5 + 0.5) + 1
+    return float(s[pad:-pad, pad:-pad].mean())

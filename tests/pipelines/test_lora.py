@@ -1,0 +1,164 @@
+"""LoRA: load (diffusers and kohya layouts), weigh, switch without reloading, fuse, unfuse to the exact
+baseline, unload -- and the shipped monochrome LoRA shifts the output as trained."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from diffspeed import DiffspeedError, GenerateRequest, generate
+from diffspeed.pipelines.load import MODELS_DIR
+from diffspeed.pipelines.lora import (
+    active_loras,
+    fuse_loras,
+    load_lora,
+    lora_parameters,
+    parse_lora_spec,
+    set_loras,
+    unfuse_loras,
+    unload_loras,
+)
+from diffspeed.pngmeta import parse_parameters
+
+PROMPT = "a red circle at center on a blue background"
+SHIPPED = MODELS_DIR / "tiny-sd-lora-monochrome" / "pytorch_lora_weights.safetensors"
+
+
+def _random_lora(unet, path, seed: int, kohya: bool = False):
+    """A LoRA with random A and B (a strong, arbitrary effect), saved as diffusers or kohya safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    u = copy.deepcopy(unet)
+    u.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    with torch.no_grad():
+        for name, p in u.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    peft_sd = get_peft_model_state_dict(u)
+    if kohya:
+        sd = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=convert_state_dict_to_diffusers(
+            peft_sd), weight_name=path.name, safe_serialization=True)
+    return path
+
+
+def image(pipe, seed=1):
+    out = generate(pipe, GenerateRequest(prompt=PROMPT, seed=seed, steps=6), progress=False)
+    return np.asarray(out.images[0]), out
+
+
+@pytest.fixture
+def pipe(tiny_sd):
+    yield tiny_sd
+    unload_loras(tiny_sd)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_sd, tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    return {"a": _random_lora(tiny_sd.unet, d / "a.safetensors", 1),
+            "b": _random_lora(tiny_sd.unet, d / "b.safetensors", 2),
+            "a_kohya": _random_lora(tiny_sd.unet, d / "a_kohya.safetensors", 1, kohya=True)}
+
+
+def test_weight_zero_is_the_baseline_and_unload_restores_it(pipe, lora_files):
+    base, _ = image(pipe)
+    load_lora(pipe, lora_files["a"], weight=0.0)
+    assert np.array_equal(image(pipe)[0], base)
+    set_loras(pipe, {"a": 1.0})
+    assert not np.array_equal(image(pipe)[0], base)
+    unload_loras(pipe)
+    assert np.array_equal(image(pipe)[0], base)
+
+
+def test_kohya_layout_gives_the_same_result_as_diffusers_layout(pipe, lora_files):
+    load_lora(pipe, lora_files["a"])
+    a, _ = image(pipe)
+    unload_loras(pipe)
+    load_lora(pipe, lora_files["a_kohya"])
+    k, _ = image(pipe)
+    assert np.abs(a.astype(int) - k.astype(int)).max() <= 1
+
+
+def test_switching_loras_without_reloading(pipe, lora_files):
+    load_lora(pipe, lora_files["a"])
+    only_a, _ = image(pipe)
+    load_lora(pipe, lora_files["b"])  # now both active
+    set_loras(pipe, {"b": 1.0})
+    only_b, _ = image(pipe)
+    set_loras(pipe, {"a": 1.0})
+    assert np.array_equal(image(pipe)[0], only_a)
+    assert not np.array_equal(only_a, only_b)
+    assert [i.name for i in active_loras(pipe)] == ["a"]
+
+
+def test_fuse_matches_unfused_and_unfuse_is_bit_exact(pipe, lora_files):
+    weights = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    load_lora(pipe, lora_files["a"], weight=0.8)
+    unfused, _ = image(pipe)
+    fuse_loras(pipe)
+    fused, _ = image(pipe)
+    assert np.abs(fused.astype(int) - unfused.astype(int)).max() <= 2
+    with pytest.raises(DiffspeedError):
+        set_loras(pipe, {"a": 1.0})  # must unfuse first
+    unfuse_loras(pipe)
+    unload_loras(pipe)
+    after = pipe.unet.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+
+
+def test_png_parameters_carry_lora_hashes(pipe, lora_files):
+    load_lora(pipe, lora_files["a"], weight=0.5)
+    assert "a: " in lora_parameters(pipe)["Lora hashes"]
+    _, out = image(pipe)
+    meta = parse_parameters(out.parameters[0])
+    assert meta["Lora hashes"].startswith("a: ") and len(meta["Lora hashes"]) == len("a: ") + 12
+
+
+@pytest.mark.parametrize("bad", ["/no/such/lora.safetensors", "lora.ckpt"])
+def test_bad_lora_files_are_clear_errors(pipe, tmp_path, bad):
+    if bad.endswith(".ckpt"):
+        (tmp_path / bad).write_bytes(b"pickle")
+        bad = tmp_path / bad
+    with pytest.raises(DiffspeedError) as err:
+        load_lora(pipe, bad)
+    assert err.value.field == "lora"
+
+
+def test_lora_for_another_architecture_is_refused(pipe, tiny_sdxl, tmp_path):
+    path = _random_lora(tiny_sdxl.unet, tmp_path / "xl.safetensors", 3)
+    with pytest.raises(DiffspeedError) as err:
+        load_lora(pipe, path)
+    assert err.value.field == "lora"
+
+
+def test_parse_lora_spec():
+    assert parse_lora_spec("x.safetensors:0.5") == ("x.safetensors", 0.5)
+    assert parse_lora_spec("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+    with pytest.raises(DiffspeedError):
+        parse_lora_spec("x.safetensors:99")
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the monochrome LoRA is trained by tools/train_tiny_lora.py")
+def test_shipped_monochrome_lora_removes_colour(pipe):
+    from diffspeed.tiny.check import saturation
+
+    prompts = ["a red circle at center on a blue background", "a yellow star at top left on a green background"]
+
+    def sat():
+        return saturation([generate(pipe, GenerateRequest(prompt=p, seed=i, steps=12), progress=False).images[0]
+                           for i, p in enumerate(prompts)])
+
+    base = sat()
+    load_lora(pipe, SHIPPED, weight=1.0)
+    styled = sat()
+    assert styled < 0.6 * base
