@@ -55,11 +55,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import diffspeed
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    import diffspeed
 
     torch.manual_seed(args.seed)
     pipe = diffspeed.load("tiny-sd", device="cpu")
@@ -139,8 +140,8 @@ effect is measurable -- mean colour saturation of 8 held-out prompts (20 steps, 
 
 - Rank {args.rank} adapters on the UNet's {', '.join(TARGETS)} ({state['params']:,} parameters, fp16,
   diffusers LoRA layout; `diffspeed.pipelines.lora.load_lora` also reads the kohya / web-UI layout).
-- {state['step']} steps of {args.batch} in {state['seconds'] / 60:.1f} min on {torch.get_num_threads()} CPU thread(s); UNet frozen,
-  same epsilon / min-SNR-5 objective as the base model. Program: `tools/train_tiny_lora.py`.
+- {state['step']} steps of {args.batch} in {state['seconds'] / 60:.1f} min on {torch.get_num_threads()} CPU thread(s);
+  UNet frozen, same epsilon / min-SNR-5 objective as the base model. Program: `tools/train_tiny_lora.py`.
 """)
     log(f"lora: saved step {state['step']}; saturation {state['eval']}")
 
