@@ -27,7 +27,8 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
     (["--cfg-scale", "-2"], "cfg_scale"), (["--batch-size", "0"], "batch_size"),
     (["--init-image", "nowhere.png"], "init_image"), (["--mask", "nowhere.png"], "mask_image"),
     (["--denoising-strength", "2"], "denoising_strength"), (["--hires-scale", "9"], "hires_scale"),
-    (["--hires-upscaler", "magic"], "hires_upscaler"),
+    (["--hires-upscaler", "magic"], "hires_upscaler"), (["--lora", "missing.safetensors"], "lora"),
+    (["--lora", "x.safetensors:50"], "lora weight"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
     rc = main(["generate", PROMPT, "--out", str(tmp_path), *args])

@@ -34,6 +34,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--out", default="outputs", help="output folder (created; files are never overwritten)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (.safetensors, diffusers or kohya layout), weight default 1 (repeatable)")
+    p.add_argument("--fuse-lora", action="store_true", help="fold the LoRAs into the weights before generating")
     w = p.add_argument_group("img2img / inpaint / hires fix")
     w.add_argument("--init-image", default=None, help="img2img: start from this image (size: the image's, or "
                    "--width/--height)")
@@ -103,11 +106,21 @@ def cmd_generate(args) -> int:
         mask_image=args.mask, denoising_strength=args.denoising_strength, mask_blur=args.mask_blur,
         inpaint_overlay=not args.no_overlay, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
         hires_upscaler=args.hires_upscaler)
+    from diffspeed.pipelines.lora import parse_lora_spec, resolve_lora_path
+
+    loras = [(resolve_lora_path(p), w) for p, w in map(parse_lora_spec, args.lora)]  # fail before loading
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)
+    if loras:
+        from diffspeed.pipelines.lora import fuse_loras, load_lora
+
+        for path, weight in loras:
+            load_lora(pipe, path, weight=weight)
+        if args.fuse_lora:
+            fuse_loras(pipe)
     with diffspeed.accelerate(pipe, recipe) as fast:
         result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None)
-        stats, events = result.stats, fast.events
+        stats, events = result.stats, result.events
     for path in diffspeed.save_images(result, args.out):
         print(path)
     if recipe.optimizations:
@@ -170,6 +183,12 @@ def cmd_bench(args) -> int:
 def cmd_optimizations(args) -> int:
     from diffspeed.core import all_optimizations
 
+    if args.matrix:
+        from diffspeed.core.optimization import compatibility_matrix
+
+        print(compatibility_matrix(document=True), end="")
+        return 0
+
     for name, cls in sorted(all_optimizations().items()):
         flags = " [must be last]" if cls.last else ""
         print(f"{name}: {cls.summary}{flags}")
@@ -195,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_bench(sub)
-    sub.add_parser("optimizations", help="list every optimization with its fields, defaults and ranges"
-                   ).set_defaults(func=cmd_optimizations)
+    p = sub.add_parser("optimizations", help="list every optimization with its fields, defaults and ranges")
+    p.add_argument("--matrix", action="store_true", help="print the optimization x workflow compatibility matrix")
+    p.set_defaults(func=cmd_optimizations)
     return parser
 
 

@@ -108,7 +108,8 @@ class GenerateResult:
     parameters: list[str]  # the web-UI "parameters" text of each image
     seconds: float
     steps_per_second: float
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # the runner's statistics, summed over every pass
+    events: list[str] = field(default_factory=list)  # notes from the optimizations (NaN fallbacks, no effect)
 
     @property
     def seconds_per_image(self) -> float:
@@ -128,6 +129,9 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
     call only. ``result.stats`` sums the runner's statistics over every pass (hires fix makes two).
     """
     kind = request.workflow
+    notes = []
+    if hasattr(runner, "check_workflows"):  # reject what the recipe cannot do before any work starts
+        notes = runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else []))
     seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - request.batch_size)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.batch_size)]
     sampler = get_sampler(request.sampler)
@@ -158,7 +162,7 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
         "Size": f"{width}x{height}", **({"Model hash": info.hash, "Model": info.name} if info else {}),
         **extra, **lora_parameters(pipe), "Version": f"diffspeed {__version__}"}) for s in seeds]
     return GenerateResult(list(images), seeds, params, seconds, steps_done / seconds if seconds else 0.0,
-                          stats=dict(run.stats))
+                          stats=dict(run.stats), events=notes + run.events)
 
 
 class _Runner:
@@ -168,6 +172,7 @@ class _Runner:
     def __init__(self, pipe, runner, seeds: list[int]):
         self.pipe, self.runner, self.seeds = pipe, runner, seeds
         self.stats: Counter = Counter()
+        self.events: list[str] = []
         device = pipe._execution_device
         self.gen_device = "cpu" if device.type == "mps" else device
 
@@ -179,6 +184,7 @@ class _Runner:
         if hasattr(self.runner, "run"):
             out = self.runner.run(target, **kwargs, generator=gens)
             self.stats.update(getattr(self.runner, "stats", {}))
+            self.events += getattr(self.runner, "events", [])
             return out
         if target is not self.pipe:
             raise DiffspeedError("a plain callable runner only runs txt2img; pass an Accelerated runner",

@@ -6,7 +6,7 @@ from typing import Any
 
 from diffspeed.core.edits import Edits
 from diffspeed.core.optimization import OptConfig, Optimization, get_optimization
-from diffspeed.core.recipe import Recipe
+from diffspeed.core.recipe import Recipe, RecipeError
 from diffspeed.core.state import RunState
 
 
@@ -63,6 +63,16 @@ class Accelerated:
         finally:
             self.stats = dict(self.state.stats)
             self.events = list(self.state.events)
+
+    def check_workflows(self, workflows: list[str]) -> list[str]:
+        """Raise :class:`RecipeError` if an applied optimization cannot run one of ``workflows``; return notes
+        on those that run but change nothing there (see ``Optimization.unsupported`` / ``no_effect``)."""
+        problems = [f"{o.name} does not work with {wf}: {o.unsupported[wf]}"
+                    for wf in workflows for o in self.optimizations if wf in o.unsupported]
+        if problems:
+            raise RecipeError(problems, "recipe")
+        return [f"{o.name}: no effect on {wf} ({o.no_effect[wf]})"
+                for wf in workflows for o in self.optimizations if wf in o.no_effect]
 
     def remove(self) -> None:
         """Undo every optimization in reverse order; the pipeline is then exactly as it was."""

@@ -122,8 +122,9 @@ class Recipe:
         return path
 
     # ----------------------------------------------------------------------------------------- check
-    def check(self, pipe=None) -> list[str]:
-        """Conflicts, duplicates, order rules and unmet requirements (on ``pipe`` when given)."""
+    def check(self, pipe=None, workflow: str | None = None) -> list[str]:
+        """Conflicts, duplicates, order rules and unmet requirements (on ``pipe`` and for ``workflow`` --
+        a key of :data:`~diffspeed.core.optimization.WORKFLOWS` -- when given)."""
         known = all_optimizations()
         names = [c.name for c in self.optimizations]
         problems = [f"{n} appears {names.count(n)} times; give it once" for n in sorted(set(names))
@@ -138,10 +139,12 @@ class Recipe:
                 problems.append(f"{n} must be the last optimization (it freezes what the others changed)")
         for c in self.optimizations:
             problems += [f"{c.name}: {p}" for p in known[c.name].requirements(c, pipe)]
+            if workflow is not None and workflow in known[c.name].unsupported:
+                problems.append(f"{c.name} does not work with {workflow}: {known[c.name].unsupported[workflow]}")
         return problems
 
-    def validate(self, pipe=None, source: str = "recipe") -> Recipe:
-        problems = self.check(pipe)
+    def validate(self, pipe=None, source: str = "recipe", workflow: str | None = None) -> Recipe:
+        problems = self.check(pipe, workflow)
         if problems:
             raise RecipeError(problems, source)
         return self

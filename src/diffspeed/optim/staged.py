@@ -181,6 +181,11 @@ class Staged(Optimization):
     Config = StagedConfig
     summary = "for a list of prompts: encode all, free text encoders, denoise all, free UNet, decode all"
     conflicts = {"offload": "offload already moves whole components in and out of accelerator memory per phase"}
+    no_effect = {
+        "img2img": "it stages the text-to-image pipeline only; img2img runs unstaged",
+        "inpaint": "it stages the text-to-image pipeline only; inpainting runs unstaged",
+        "controlnet": "it stages the text-to-image pipeline only; the ControlNet pipeline runs unstaged",
+    }
     noop = None  # every setting restructures the call (the images stay the same: see tests/optim/test_staged.py)
     example = {"batch_size": 2}
 
