@@ -39,3 +39,29 @@ def test_models_follow_prompts(model, request):
     pipe = request.getfixturevalue(model)
     res = run_colour_check(pipe, held_out_scenes()[:12], steps=15, seed=0)
     assert res.background_accuracy >= 0.2 and res.shape_accuracy >= 0.5, res
+
+
+def test_mask_matches_the_image_jitter():
+    from diffspeed.tiny.check import mask_iou
+    from diffspeed.tiny.data import render_mask, render_pair, training_batch_with_masks
+
+    scene = Scene((Shape("red", "star", "top left"), Shape("white", "circle", "bottom")), ("blue",))
+    image, mask = render_pair(scene, np.random.default_rng(3))
+    assert np.array_equal(np.asarray(image), np.asarray(render(scene, np.random.default_rng(3))))
+    assert np.array_equal(np.asarray(mask), np.asarray(render_mask(scene, np.random.default_rng(3))))
+    assert mask_iou(image, mask) > 0.85 and mask_iou(image, render_mask(held_out_scenes(1)[0])) < 0.2
+    x, caps = training_batch(np.random.default_rng(9), 8, set())
+    x2, masks, scenes = training_batch_with_masks(np.random.default_rng(9), 8, set())
+    assert np.array_equal(x, x2) and caps == [s.caption() for s in scenes]  # the same data stream
+    assert masks.shape == (8, 1, 64, 64) and masks.min() == 0.0 and masks.max() == 1.0
+
+
+def test_ssim():
+    from diffspeed.tiny.check import ssim
+
+    a = np.asarray(render(held_out_scenes(1)[0]))
+    noisy = np.clip(a + np.random.default_rng(0).normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert 0.2 < ssim(a, noisy) < 0.95 and ssim(a, noisy) > ssim(a, np.zeros_like(a))
+    with pytest.raises(ValueError):
+        ssim(a, a[:32])

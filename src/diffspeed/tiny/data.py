@@ -85,15 +85,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw ``scene``; ``rng`` adds small jitter of position and size (None draws the canonical image)."""
-    big = SIZE * _SUPERSAMPLE
-    top = np.array(COLOURS[scene.background[0]], dtype=np.float32)
-    bottom = np.array(COLOURS[scene.background[-1]], dtype=np.float32)
-    t = np.linspace(0.0, 1.0, big, dtype=np.float32)[:, None, None]
-    bg = np.broadcast_to(top * (1 - t) + bottom * t, (big, big, 3))
-    img = Image.fromarray(bg.round().astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
+def _layout(scene: Scene, rng: np.random.Generator | None) -> list[tuple[Shape, float, float, float]]:
+    """Each shape with its centre and radius in supersampled pixels; ``rng`` draws the jitter (3 numbers per
+    shape, in order), so an image and its mask drawn from one layout match exactly."""
+    out = []
     for s in scene.shapes:
         cx, cy = POSITIONS[s.position]
         r = 9.0
@@ -101,12 +96,52 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
             cx += rng.uniform(-2, 2)
             cy += rng.uniform(-2, 2)
             r *= rng.uniform(0.85, 1.1)
-        cx, cy, r = cx * _SUPERSAMPLE, cy * _SUPERSAMPLE, r * _SUPERSAMPLE
+        out.append((s, cx * _SUPERSAMPLE, cy * _SUPERSAMPLE, r * _SUPERSAMPLE))
+    return out
+
+
+def _draw(img: Image.Image, layout: list[tuple[Shape, float, float, float]], fill=None) -> Image.Image:
+    """Draw the layout's shapes on the supersampled ``img`` (each in its own colour, or all in ``fill``) and
+    downsample with a box filter."""
+    draw = ImageDraw.Draw(img)
+    for s, cx, cy, r in layout:
+        colour = COLOURS[s.colour] if fill is None else fill
         if s.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[s.colour])
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
-            draw.polygon(_polygon(s.shape, cx, cy, r), fill=COLOURS[s.colour])
+            draw.polygon(_polygon(s.shape, cx, cy, r), fill=colour)
     return img.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def _background(scene: Scene) -> Image.Image:
+    big = SIZE * _SUPERSAMPLE
+    top = np.array(COLOURS[scene.background[0]], dtype=np.float32)
+    bottom = np.array(COLOURS[scene.background[-1]], dtype=np.float32)
+    t = np.linspace(0.0, 1.0, big, dtype=np.float32)[:, None, None]
+    bg = np.broadcast_to(top * (1 - t) + bottom * t, (big, big, 3))
+    return Image.fromarray(bg.round().astype(np.uint8), "RGB")
+
+
+def _mask(layout: list[tuple[Shape, float, float, float]]) -> Image.Image:
+    big = SIZE * _SUPERSAMPLE
+    return _draw(Image.new("L", (big, big), 0), layout, fill=255)
+
+
+def render(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw ``scene``; ``rng`` adds small jitter of position and size (None draws the canonical image)."""
+    return _draw(_background(scene), _layout(scene, rng))
+
+
+def render_mask(scene: Scene, rng: np.random.Generator | None = None) -> Image.Image:
+    """The shapes of ``scene`` as white silhouettes on black ("L", anti-aliased like :func:`render`): the
+    control signal of the mask ControlNet. The same ``rng`` state gives the same jitter as ``render``."""
+    return _mask(_layout(scene, rng))
+
+
+def render_pair(scene: Scene, rng: np.random.Generator | None = None) -> tuple[Image.Image, Image.Image]:
+    """The image and its mask from one jitter draw (``rng`` advances exactly as one ``render`` call)."""
+    layout = _layout(scene, rng)
+    return _draw(_background(scene), layout), _mask(layout)
 
 
 def random_scene(rng: np.random.Generator, *, p_two: float = 0.3, p_gradient: float = 0.25) -> Scene:
@@ -140,13 +175,29 @@ def held_out_scenes(count: int = 60, seed: int = 1234) -> list[Scene]:
     return out
 
 
-def training_batch(rng: np.random.Generator, n: int, excluded: set[str],
-                   **scene_kw: float) -> tuple[np.ndarray, list[str]]:
-    """``n`` random images (float32 NCHW in [-1, 1]) and captions, none of whose captions is in ``excluded``."""
+def _training_scenes(rng: np.random.Generator, n: int, excluded: set[str], **scene_kw: float) -> list[Scene]:
     scenes: list[Scene] = []
     while len(scenes) < n:
         s = random_scene(rng, **scene_kw)
         if s.caption() not in excluded:
             scenes.append(s)
+    return scenes
+
+
+def training_batch(rng: np.random.Generator, n: int, excluded: set[str],
+                   **scene_kw: float) -> tuple[np.ndarray, list[str]]:
+    """``n`` random images (float32 NCHW in [-1, 1]) and captions, none of whose captions is in ``excluded``."""
+    scenes = _training_scenes(rng, n, excluded, **scene_kw)
     imgs = np.stack([np.asarray(render(s, rng), dtype=np.float32) for s in scenes])
     return imgs.transpose(0, 3, 1, 2) / 127.5 - 1.0, [s.caption() for s in scenes]
+
+
+def training_batch_with_masks(rng: np.random.Generator, n: int, excluded: set[str],
+                              **scene_kw: float) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
+    """:func:`training_batch` (the same images for the same ``rng`` state) plus each image's shape mask as
+    float32 N1HW in [0, 1] -- what a ControlNet pipeline feeds its control image as -- and the scenes."""
+    scenes = _training_scenes(rng, n, excluded, **scene_kw)
+    pairs = [render_pair(s, rng) for s in scenes]
+    imgs = np.stack([np.asarray(im, dtype=np.float32) for im, _ in pairs]).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    masks = np.stack([np.asarray(m, dtype=np.float32) for _, m in pairs])[:, None] / 255.0
+    return imgs, masks, scenes
