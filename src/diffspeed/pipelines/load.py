@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from diffspeed.errors import DiffspeedError
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-SHIPPED = ("tiny-sd", "tiny-sdxl")
+SHIPPED = ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner")
 DEFAULT_MODEL = "tiny-sd"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -61,19 +63,47 @@ def resolve_device(device) -> str:
     return device
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence the libraries' loading chatter (progress bars, deprecation and optional-backend notices) for
+    a command-line run, whose stderr is kept for diffspeed's own one-line errors; restored afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        for mod, on in zip((dlog, tlog), bars):
+            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
+
+
 def shipped_path(name: str) -> Path:
     return MODELS_DIR / name
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, allow_pickle: bool = False,
-         config_dir: str | Path | None = None):
+         config_dir: str | Path | None = None, cache=None):
     """Return a ready diffusers pipeline for ``source``, offline unless ``source`` is a hub id.
 
     ``source`` is a shipped model name (``tiny-sd``, ``tiny-sdxl``), a diffusers folder, a single-file
     checkpoint in the original SD / web-UI layout, or a Hugging Face hub id (``org/name``). Pickle files
     (``.ckpt``, ``.pt``, ``.bin``) are refused unless ``allow_pickle=True``, and then read with
     ``weights_only=True``. The pipeline gets a ``diffspeed_model`` attribute (a :class:`ModelInfo`).
+    ``cache`` (a :class:`~diffspeed.pipelines.cache.ModelCache`) keeps loaded models in RAM between calls.
     """
+    if cache is not None:
+        return cache.get(source, dtype=dtype, device=device, allow_pickle=allow_pickle, config_dir=config_dir)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     pipe, info = _load(str(source), torch_dtype, allow_pickle, config_dir)
