@@ -12,3 +12,8 @@ __all__ = ["DiffspeedError", "GenerateRequest", "GenerateResult", "SHIPPED", "ge
 from diffspeed.core import Accelerated, Recipe, RecipeError, accelerate  # noqa: E402
 
 __all__ += ["Accelerated", "Recipe", "RecipeError", "accelerate"]
+
+from diffspeed.pipelines.cache import ModelCache  # noqa: E402
+from diffspeed.pipelines.convert import ConvertReport, convert_checkpoint  # noqa: E402
+
+__all__ += ["ConvertReport", "ModelCache", "convert_checkpoint"]

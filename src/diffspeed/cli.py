@@ -49,6 +49,18 @@ def _add_generate(sub) -> None:
     w.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale factor 1..4 (1 = off)")
     w.add_argument("--hires-steps", type=int, default=0, help="hires fix: second-pass steps (0 = --steps)")
     w.add_argument("--hires-upscaler", default="Latent", help=f"hires fix upscaler: {', '.join(HIRES_UPSCALERS)}")
+    c = p.add_argument_group("ControlNet / SDXL refiner")
+    c.add_argument("--control-image", default=None, help="ControlNet: the control image (needs --controlnet)")
+    c.add_argument("--controlnet", default=None, help="ControlNet: a diffusers ControlNetModel folder or a shipped "
+                   "name (tiny-sd-controlnet-mask, tiny-sdxl-controlnet-mask)")
+    c.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight, 0..2")
+    c.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
+    c.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
+    c.add_argument("--refiner", default=None, help="SDXL refiner: shipped name (tiny-sdxl-refiner) or folder")
+    c.add_argument("--refiner-switch-at", type=float, default=0.8,
+                   help="fraction of the steps after which the refiner takes over, 0.01..1")
+    c.add_argument("--refiner-mode", default="ensemble", help="ensemble (hand over noisy latents) or img2img "
+                   "(refine the finished image at strength 1 - switch-at)")
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
@@ -105,7 +117,9 @@ def cmd_generate(args) -> int:
         sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M", init_image=args.init_image,
         mask_image=args.mask, denoising_strength=args.denoising_strength, mask_blur=args.mask_blur,
         inpaint_overlay=not args.no_overlay, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
-        hires_upscaler=args.hires_upscaler)
+        hires_upscaler=args.hires_upscaler, control_image=args.control_image, controlnet=args.controlnet,
+        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
+        refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_mode=args.refiner_mode)
     from diffspeed.pipelines.lora import parse_lora_spec, resolve_lora_path
 
     loras = [(resolve_lora_path(p), w) for p, w in map(parse_lora_spec, args.lora)]  # fail before loading
@@ -180,6 +194,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="checkpoint (.ckpt/.pt/.pth/.bin/.safetensors) -> verified .safetensors "
+                       "in the original layout; pickles are read weights-only, never unpickled in full")
+    p.add_argument("checkpoint", metavar="IN", help=".ckpt/.pt/.pth/.bin (read weights-only) or .safetensors")
+    p.add_argument("output", metavar="OUT", help="the .safetensors file to write")
+    p.add_argument("--fp16", action="store_true", help="cast floating weights to float16 (halves the file)")
+    p.add_argument("--prune", action="store_true", help="drop EMA copies (model_ema.*), VAE training loss, "
+                   "global_step and other non-weight entries")
+    p.add_argument("--use-ema", action="store_true", help="replace the UNet weights by their EMA copies")
+    p.add_argument("--vae", default=None, help="bake in this VAE (original layout, .safetensors or pickle)")
+    p.add_argument("--config-dir", default=None, help="diffusers folder describing the model, for the "
+                   "verification load (default: detected SD 1.x / 2.x / SDXL full-size configs)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip loading OUT back (saves time and memory)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from diffspeed.pipelines.convert import convert_checkpoint
+
+    report = convert_checkpoint(args.checkpoint, args.output, fp16=args.fp16, prune=args.prune, vae=args.vae,
+                                force=args.force, use_ema=args.use_ema, config_dir=args.config_dir,
+                                verify=not args.no_verify)
+    print(report.summary())
+    return 0
+
+
 def cmd_optimizations(args) -> int:
     from diffspeed.core import all_optimizations
 
@@ -214,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_bench(sub)
+    _add_convert(sub)
     p = sub.add_parser("optimizations", help="list every optimization with its fields, defaults and ranges")
     p.add_argument("--matrix", action="store_true", help="print the optimization x workflow compatibility matrix")
     p.set_defaults(func=cmd_optimizations)
@@ -221,9 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffspeed.pipelines.load import quiet_loading
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with quiet_loading():  # stderr carries diffspeed's own one-line errors, not the libraries' chatter
+            return args.func(args)
     except DiffspeedError as err:
         print(f"diffspeed: error: {err}", file=sys.stderr)
         return EXIT_USAGE

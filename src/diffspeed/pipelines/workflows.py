@@ -1,8 +1,10 @@
-"""The workflows beyond txt2img -- img2img, inpaint, hires fix -- on any loaded SD 1.x/2.x or SDXL pipeline.
+"""The workflows beyond txt2img -- img2img, inpaint, hires fix, ControlNet, the SDXL refiner -- on any loaded
+SD 1.x/2.x or SDXL pipeline.
 
 Each workflow pipeline is built at call time with diffusers' ``from_pipe`` from the loaded pipeline's *current*
 components, so it shares their weights (no copy) and sees whatever an applied optimization swapped in (a tiny
-VAE, another scheduler, hooks on the UNet).
+VAE, another scheduler, hooks on the UNet). ControlNets and refiners are loaded per call (or handed in as
+loaded objects): nothing is cached in module globals.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ def canonical_upscaler(name: str) -> str:
     return next(k for k in HIRES_UPSCALERS if k.lower() == name.lower())
 
 
-def workflow_pipeline(pipe, kind: str):
-    """A pipeline for ``kind`` ("txt2img", "img2img", "inpaint") sharing ``pipe``'s current components."""
-    if kind == "txt2img":
+def workflow_pipeline(pipe, kind: str, controlnet=None):
+    """A pipeline for ``kind`` ("txt2img", "img2img", "inpaint") sharing ``pipe``'s current components; with a
+    loaded ``controlnet``, the matching ControlNet pipeline (StableDiffusion[XL]ControlNet[Img2Img|Inpaint])."""
+    if kind == "txt2img" and controlnet is None:
         return pipe
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-    cls = {"img2img": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}[kind]
-    sub = cls.from_pipe(pipe)
+    cls = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+           "inpaint": AutoPipelineForInpainting}[kind]
+    sub = cls.from_pipe(pipe) if controlnet is None else cls.from_pipe(pipe, controlnet=controlnet)
     if hasattr(pipe, "diffspeed_model"):
         sub.diffspeed_model = pipe.diffspeed_model
     return sub
@@ -128,3 +132,117 @@ def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> 
 def upscale_images(images: list[Image.Image], size: tuple[int, int], mode: str) -> list[Image.Image]:
     resample = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}[mode]
     return [im.resize(size, resample) for im in images]
+
+
+# ------------------------------------------------------------------------------------------------ ControlNet
+SHIPPED_CONTROLNETS = ("tiny-sd-controlnet-mask", "tiny-sdxl-controlnet-mask")
+
+
+def controlnet_dir(spec: str | Path) -> Path:
+    """The folder of a ControlNet given as a shipped name or a path; a clear error if it is not one."""
+    from diffspeed.pipelines.load import MODELS_DIR
+
+    path = MODELS_DIR / str(spec) if str(spec) in SHIPPED_CONTROLNETS else Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        hint = (" (it ships once trained: tools/train_tiny_extras.py controlnet)" if str(spec) in SHIPPED_CONTROLNETS
+                else "")
+        raise DiffspeedError(f"controlnet: no diffusers ControlNetModel folder (with config.json) at {path}{hint}; "
+                             f"give such a folder or a shipped name: {', '.join(SHIPPED_CONTROLNETS)}",
+                             field="controlnet")
+    return path
+
+
+def load_controlnet(spec, pipe):
+    """A ``ControlNetModel`` for ``pipe``: ``spec`` is a loaded one, a shipped name or a folder. Loaded in the
+    UNet's dtype on its device, and checked to fit the UNet (a ControlNet adds residuals to its blocks)."""
+    from diffusers import ControlNetModel
+
+    if isinstance(spec, ControlNetModel):
+        model = spec
+    else:
+        path = controlnet_dir(spec)
+        try:
+            model = ControlNetModel.from_pretrained(path, torch_dtype=pipe.unet.dtype)
+        except (OSError, ValueError, KeyError) as err:
+            raise DiffspeedError(f"controlnet: could not load {path}: {err}", field="controlnet") from err
+    want, got = pipe.unet.config, model.config
+    for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
+        if _as_tuple(want.get(key)) != _as_tuple(got.get(key)):
+            raise DiffspeedError(f"controlnet {spec if isinstance(spec, (str, Path)) else type(spec).__name__} "
+                                 f"does not fit this model: its {key} is {got.get(key)}, the UNet's is "
+                                 f"{want.get(key)} (a ControlNet is made for one model family)", field="controlnet")
+    return model.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------ refiner
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def refiner_dir(spec: str | Path) -> Path:
+    """The diffusers folder of a refiner given as a shipped name or a path; a clear error if it is not one."""
+    from diffspeed.pipelines.load import SHIPPED, shipped_path
+
+    path = shipped_path(str(spec)) if str(spec) in SHIPPED else Path(spec).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise DiffspeedError(f"refiner: no diffusers pipeline folder (with model_index.json) at {path}; give an "
+                             f"SDXL refiner folder or the shipped tiny-sdxl-refiner", field="refiner")
+    return path
+
+
+def load_refiner(spec, base):
+    """An SDXL img2img pipeline for the refiner pass of ``base`` (an SDXL pipeline).
+
+    ``spec`` is a loaded pipeline, a shipped name or a folder. A loaded refiner shares ``base``'s current VAE
+    (the latents handed over must decode with the VAE that made them -- also a tiny VAE an optimization swapped
+    in) and ``base``'s text_encoder_2 when the two folders hold identical weights (as SDXL 1.0 base and
+    refiner do), so neither is loaded twice. Its other modules go to ``base``'s device and dtype.
+    """
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
+    if not is_sdxl(base):
+        raise DiffspeedError("refiner: the refiner pass needs an SDXL base model; this model is not SDXL "
+                             "(SD 1.x/2.x have no refiner -- use hires fix or img2img instead)", field="refiner")
+    if isinstance(spec, DiffusionPipeline):
+        refiner = spec
+    else:
+        from diffspeed.pipelines.load import SHIPPED, ModelInfo, model_hash
+
+        path = refiner_dir(spec)
+        shared = {"vae": base.vae}
+        base_dir = getattr(getattr(base, "diffspeed_model", None), "path", None)
+        te2 = [d / "text_encoder_2" for d in (Path(base_dir) if base_dir else None, path) if d is not None]
+        if (len(te2) == 2 and all(d.is_dir() for d in te2) and _weight_bytes(te2[0]) == _weight_bytes(te2[1])
+                and model_hash(te2[0]) == model_hash(te2[1])):
+            shared["text_encoder_2"] = base.text_encoder_2
+        try:
+            refiner = DiffusionPipeline.from_pretrained(path, torch_dtype=base.unet.dtype, local_files_only=True,
+                                                        **shared)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DiffspeedError(f"refiner: could not load {path}: {err}", field="refiner") from err
+        for module in refiner.components.values():
+            if isinstance(module, torch.nn.Module) and all(module is not m for m in shared.values()):
+                module.to(base._execution_device)
+        shipped = str(spec) in SHIPPED
+        refiner.diffspeed_model = ModelInfo(str(spec) if shipped else path.name, path,
+                                            "shipped" if shipped else "directory")
+    if not is_sdxl(refiner) or getattr(refiner, "text_encoder_2", None) is None:
+        raise DiffspeedError("refiner: the refiner must be an SDXL pipeline (text_encoder_2 and text_time "
+                             "conditioning)", field="refiner")
+    if refiner.unet.config.in_channels != base.unet.config.in_channels:
+        raise DiffspeedError(f"refiner: its UNet takes {refiner.unet.config.in_channels} latent channels, the "
+                             f"base makes {base.unet.config.in_channels}", field="refiner")
+    if not type(refiner).__name__.endswith("Img2ImgPipeline"):
+        info = getattr(refiner, "diffspeed_model", None)
+        refiner = AutoPipelineForImage2Image.from_pipe(refiner)
+        if info is not None:
+            refiner.diffspeed_model = info
+    return refiner
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
