@@ -5,6 +5,7 @@ from diffspeed.optim import (  # noqa: F401
     cfg_cutoff,
     channels_last,
     compile,
+    deepcache,
     freeu,
     offload,
     precision,

@@ -1,0 +1,367 @@
+"""deepcache: DeepCache (Ma, Fang and Wang, CVPR 2024) -- reuse the deep UNet features across denoiser calls.
+
+Adjacent denoising steps change the deep, low-resolution features of the UNet very little. Every
+``interval``-th denoiser call runs in full and keeps the feature that enters the up-path layer consuming skip
+feature ``branch`` (see :mod:`diffspeed.core.unet_units`); the calls in between run only the shallow part --
+``conv_in``, the down layers producing skip features 1..branch, then the up layers from that consumer on --
+and take the deep feature from the cache. ``branch`` 0 is the shallowest boundary (the skip of ``conv_in``).
+
+How it avoids the failures of the published helper (seed 000 and the DeepCache package):
+- the call index comes from :class:`~diffspeed.core.RunState` (denoiser calls are counted), never from
+  ``scheduler.timesteps.index(t)``, so samplers that repeat timesteps (Heun, DPM2, DPM++ SDE) follow the
+  schedule -- which is in denoiser calls, as their cost is;
+- skipped modules are wrapped per instance and return placeholders (zero-stride views, no memory) of the
+  shape they returned on the last full call, so no diffusers ``forward`` is copied;
+- the cache follows the batch when classifier-free guidance is cut off (it keeps the conditional half);
+- with a ControlNet on the running pipeline, the ControlNet's deep blocks, mid block and their zero
+  convolutions are skipped on cached calls too: their residuals would land on skipped layers;
+- state (cache, schedule, counters) belongs to one call and is reset before the next.
+
+``stats``: ``deepcache_full_calls``, ``deepcache_cached_calls`` (the "cache rate" of seed 000 is
+cached / all), ``deepcache_total_macs`` (UNet multiply-accumulates had every call run in full) and
+``deepcache_skipped_macs``; the theoretical speed-up is total / (total - skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from diffspeed.adapters import adapter_for
+from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.core.unet_units import Unit, consumer_index, down_units, n_branches, up_units
+from diffspeed.errors import DiffspeedError
+
+SCHEDULES = ("uniform", "non-uniform")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeepCacheConfig(OptConfig):
+    name = "deepcache"
+    interval: int = param(3, "a full UNet pass every N denoiser calls (1 = never reuse; 3-5 are typical)",
+                          range=(1, 100))
+    branch: int | None = param(None, "skip feature at the cache boundary, 0 = shallowest (fastest); default "
+                               "per model family (diffspeed.adapters)", range=(0, 64), kind=int)
+    schedule: str = param("uniform", "uniform: every interval-th call in full; non-uniform: full passes "
+                          "packed around `center` (the paper's quadratic schedule)", choices=SCHEDULES)
+    center: float = param(0.6, "non-uniform: where full passes are densest, as a fraction of the calls",
+                          range=(0.0, 1.0))
+    power: float = param(1.4, "non-uniform: how strongly full passes crowd the centre (1 = uniform)",
+                         range=(1.0, 4.0))
+    start: float = param(0.0, "fraction of the calls at the start that always run in full (the web-UI "
+                         "extension caches nothing in the first part)", range=(0.0, 1.0))
+    end: float = param(1.0, "fraction of the calls after which every call runs in full", range=(0.0, 1.0))
+    max_timestep_jump: int | None = param(None, "also refresh when the timestep moved more than this (train "
+                                          "timesteps) since the last full pass; reads t on the host",
+                                          range=(1, 1000), kind=int)
+    min_steps: int = param(10, "runs with fewer denoiser calls are left alone (with a note): caching few-step "
+                           "samplers (LCM, turbo) ruins them", range=(1, 1000))
+    force: bool = param(False, "cache even below min_steps")
+
+    def checks(self):
+        if self.start >= self.end:
+            return [("end", f"deepcache.end must be greater than start ({self.start}), got {self.end}")]
+        return []
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What runs on a cached call, found once from the model's modules."""
+
+    skipped: list[torch.nn.Module]  # whole blocks or single modules that return placeholders
+    cache_point: torch.nn.Module  # its output is the cached deep feature
+    skipped_ids: set[int]  # every module (with descendants) not run on a cached call
+
+
+def _plan(model, branch: int, *, with_up: bool) -> _Plan:
+    """Skip down units ``branch..`` and the mid block; with ``with_up`` also the up units before the layer
+    consuming skip feature ``branch``, the last of which becomes the cache point (the mid block if there is
+    none). Blocks whose every unit is skipped are skipped whole (less Python, no concatenated placeholders)."""
+    down = _skip_list(down_units(model)[branch:])
+    up = _skip_list(up_units(model)[:consumer_index(model, branch)]) if with_up else []
+    mid = [model.mid_block] if model.mid_block is not None else []
+    skipped = down + mid + up
+    cache_point = (up or mid)[-1] if with_up else None
+    return _Plan(skipped, cache_point, {id(m) for s in skipped for m in s.modules()})
+
+
+def _skip_list(units: list[Unit]) -> list[torch.nn.Module]:
+    out: list[torch.nn.Module] = []
+    by_block: dict[int, list[Unit]] = {}
+    for u in units:
+        by_block.setdefault(id(u.block), []).append(u)
+    for us in by_block.values():
+        block = us[0].block
+        n_units = len(block.resnets) + len(getattr(block, "downsamplers", None) or []) + len(
+            getattr(block, "upsamplers", None) or [])
+        out += [block] if len(us) == n_units else [m for u in us for m in u.modules]
+    return out
+
+
+def _template(out):
+    """The structure of ``out`` with each tensor replaced by (shape, dtype, device)."""
+    if isinstance(out, torch.Tensor):
+        return (tuple(out.shape), out.dtype, out.device)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_template(o) for o in out)
+    if hasattr(out, "to_tuple"):  # a diffusers BaseOutput
+        return (type(out), {k: _template(v) for k, v in out.items()})
+    raise TypeError(f"deepcache: cannot stand in for a {type(out).__name__} output")
+
+
+def _placeholder(tpl, batch: int, tensor=None, real: bool = False):
+    """A stand-in built from :func:`_template` with ``batch`` rows: ``tensor`` as the first output, zeros
+    elsewhere -- zero-stride views (no memory), or ``real`` zeros where a block writes into its input in place
+    (FreeU scales half the channels of an up layer's input in place)."""
+    if isinstance(tpl, tuple) and len(tpl) == 3 and isinstance(tpl[1], torch.dtype):
+        if tensor is not None:
+            return tensor
+        shape, dtype, device = tpl
+        if real:
+            return torch.zeros((batch, *shape[1:]), dtype=dtype, device=device)
+        return torch.zeros((), dtype=dtype, device=device).expand(batch, *shape[1:])
+    if isinstance(tpl, tuple) and len(tpl) == 2 and isinstance(tpl[0], type):
+        cls, fields = tpl
+        return cls(**{k: _placeholder(v, batch, tensor, real) for k, v in fields.items()})
+    first = [tensor] + [None] * (len(tpl) - 1)  # the cached tensor is the first output (hidden states)
+    return type(tpl)(_placeholder(t, batch, x, real) for t, x in zip(tpl, first))
+
+
+def _macs_hooks(model, total: list[int], skipped: list[int], skipped_ids: set[int]) -> list:
+    """Forward hooks that add each conv / linear / attention product's multiply-accumulates to ``total`` (and
+    to ``skipped`` for modules in ``skipped_ids``)."""
+    from diffusers.models.attention_processor import Attention
+
+    def add(module, n: int) -> None:
+        total[0] += n
+        if id(module) in skipped_ids:
+            skipped[0] += n
+
+    def conv(module, args, out):
+        add(module, out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size))
+
+    def linear(module, args, out):
+        add(module, out.numel() * module.in_features)
+
+    def attention(module, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        ctx = kwargs.get("encoder_hidden_states")
+        lq = h.shape[1] if h.dim() == 3 else math.prod(h.shape[2:])
+        lk = lq if ctx is None else ctx.shape[1]
+        add(module, 2 * h.shape[0] * lq * lk * module.inner_dim)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            handles.append(m.register_forward_hook(conv))
+        elif isinstance(m, torch.nn.Linear):
+            handles.append(m.register_forward_hook(linear))
+        elif isinstance(m, Attention):
+            handles.append(m.register_forward_hook(attention, with_kwargs=True))
+    return handles
+
+
+def full_calls(total: int, c: DeepCacheConfig) -> set[int]:
+    """The denoiser call indices (of ``total``) that run in full under config ``c``."""
+    lo, hi = math.floor(c.start * total + 1e-9), math.ceil(c.end * total - 1e-9)
+    full = set(range(lo)) | set(range(hi, total))
+    window = hi - lo
+    if window <= 0:
+        return full
+    if c.schedule == "uniform":
+        return full | {lo + i for i in range(0, window, c.interval)}
+    # non-uniform: as many full passes as the uniform schedule, at u -> centre + |u|^power spacing, so they
+    # crowd around the centre and thin out towards both ends (DeepCache, section 4.3)
+    k = math.ceil(window / c.interval)
+    centre = c.center * (window - 1)
+    u = np.linspace(-1.0, 1.0, k)
+    pos = np.where(u < 0, centre - centre * np.abs(u) ** c.power, centre + (window - 1 - centre) * u ** c.power)
+    return full | {lo} | {lo + int(round(p)) for p in pos}
+
+
+class _RunCache:
+    """One generation's cache and decisions."""
+
+    def __init__(self):
+        self.feature: torch.Tensor | None = None
+        self.templates: dict[int, object] = {}
+        self.decisions: dict[int, bool] = {}  # call index -> cached?
+        self.schedule: set[int] | None = None
+        self.last_full_t: float | None = None
+        self.t: float | None = None
+        self.cached = False  # the current UNet call runs the shallow path
+        self.batch = 0
+        self.noted = False
+        self.counting: tuple[list[int], list[int]] | None = None  # MACs (all, skipped) of this full call
+        self.handles: list | None = None
+
+
+@register
+class DeepCache(Optimization):
+    Config = DeepCacheConfig
+    summary = "DeepCache: reuse deep UNet features between full passes (~2x at interval 3, small quality cost)"
+    stateful = True
+    noop = {"interval": 1}
+    example = {"interval": 2, "min_steps": 1}
+    conflicts = {"compile": "DeepCache switches the UNet's path every call; a compiled UNet would recompile or "
+                            "break its graph on each switch"}
+    unsupported = {}
+
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        self._run = _RunCache()
+        self._macs: dict[tuple, tuple[int, int]] = {}  # input shape -> (MACs of a full call, MACs skipped)
+
+    @classmethod
+    def requirements(cls, config, pipe=None) -> list[str]:
+        if pipe is None or config.branch is None:
+            return []
+        n = n_branches(pipe.unet)
+        return [] if config.branch < n else [f"branch {config.branch} is outside 0..{n - 1} for this UNet"]
+
+    def branch(self, unet) -> int:
+        return self.config.branch if self.config.branch is not None else adapter_for(unet).deepcache_branch
+
+    def _apply(self, pipe, state: RunState, edits: Edits) -> None:
+        unet = pipe.unet
+        self._plan = _plan(unet, self.branch(unet), with_up=True)
+        edits.forward_pre_hook(unet, self._see_timestep, with_kwargs=True)
+        edits.forward_pre_hook(unet.conv_in, self._begin)
+        edits.forward_hook(unet, self._end)
+        blocks = {id(b) for b in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]}
+        for module in self._plan.skipped:
+            real = id(module) not in blocks and any(module in b.modules() for b in unet.up_blocks)
+            edits.wrap_method(module, "forward", self._skippable(module, module is self._plan.cache_point, real))
+
+    def _reset(self) -> None:
+        self._run = _RunCache()
+
+    # ------------------------------------------------------------------------------------------ decisions
+    def _decide(self, index: int, batch: int) -> bool:
+        """Whether denoiser call ``index`` takes the shallow path; decided once per call, so a ControlNet
+        (which runs first) and the UNet agree."""
+        run = self._run
+        if index in run.decisions:
+            return run.decisions[index]
+        total = self.state.total_steps
+        cached = False
+        if index >= 0 and total > 0 and run.feature is not None:
+            if total < self.config.min_steps and not self.config.force:
+                if not run.noted:
+                    self.state.events.append(f"deepcache: {total} denoiser calls < min_steps "
+                                             f"{self.config.min_steps}; not caching (force=true to cache anyway)")
+                    run.noted = True
+            else:
+                if run.schedule is None:
+                    run.schedule = full_calls(total, self.config)
+                jump = self.config.max_timestep_jump
+                cached = (index not in run.schedule and run.feature.shape[0] in (batch, 2 * batch)
+                          and not (jump and run.t is not None and run.last_full_t is not None
+                                   and abs(run.t - run.last_full_t) > jump))
+        run.decisions[index] = cached
+        return cached
+
+    def _see_timestep(self, module, args, kwargs):
+        if self.config.max_timestep_jump:
+            t = args[1] if len(args) > 1 else kwargs.get("timestep")
+            self._run.t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+    def _begin(self, module, args):
+        run, state = self._run, self.state
+        run.batch = args[0].shape[0]
+        run.cached = self._decide(state.step, run.batch)
+        if run.cached and run.feature.shape[0] not in (run.batch, 2 * run.batch):
+            raise DiffspeedError("deepcache: the batch changed within a call in a way the cache cannot follow",
+                                 field="deepcache")
+        state.stats["deepcache_cached_calls" if run.cached else "deepcache_full_calls"] += 1
+        key = tuple(args[0].shape)
+        if key in self._macs:
+            total, skipped = self._macs[key]
+            state.stats["deepcache_total_macs"] += total
+            state.stats["deepcache_skipped_macs"] += skipped if run.cached else 0
+        elif not run.cached:  # count this full call's MACs once per input shape
+            run.counting = ([0], [0])
+            run.handles = _macs_hooks(self.pipe.unet, *run.counting, self._plan.skipped_ids)
+
+    def _end(self, module, args, out):
+        run = self._run
+        if run.handles:
+            for h in run.handles:
+                h.remove()
+            total, skipped = run.counting[0][0], run.counting[1][0]
+            self._macs[tuple(args[0].shape)] = (total, skipped)
+            self.state.stats["deepcache_total_macs"] += total
+            run.handles = None
+        if not run.cached:
+            run.last_full_t = run.t
+        run.cached = False
+
+    # ------------------------------------------------------------------------------------------- wrappers
+    def _skippable(self, module, is_cache_point: bool, real: bool):
+        key = id(module)
+
+        def forward(inner, *args, **kwargs):
+            run = self._run
+            if not run.cached:
+                out = inner(*args, **kwargs)
+                run.templates[key] = _template(out)
+                if is_cache_point:  # a copy: the next layer may scale its input in place (FreeU)
+                    run.feature = (out if isinstance(out, torch.Tensor) else out[0]).clone()
+                return out
+            feature = None
+            if is_cache_point:
+                feature = run.feature if run.feature.shape[0] == run.batch else run.feature[run.batch:]
+                feature = feature.clone()
+            return _placeholder(run.templates[key], run.batch, feature, real)
+
+        return forward
+
+    # ------------------------------------------------------------------------------------------ ControlNet
+    def wrap_call(self, call):
+        """While a pipeline with a ControlNet runs, skip the ControlNet's deep half on cached calls."""
+
+        def run(*args, **kwargs):
+            cn = getattr(self.state.pipeline, "controlnet", None)
+            if cn is None or not hasattr(cn, "controlnet_down_blocks"):
+                return call(*args, **kwargs)
+            with self._controlnet_hooks(cn):
+                return call(*args, **kwargs)
+
+        return run
+
+    @contextlib.contextmanager
+    def _controlnet_hooks(self, cn):
+        branch = self.branch(self.pipe.unet)
+        plan = _plan(cn, branch, with_up=False)
+        skipped = plan.skipped + list(cn.controlnet_down_blocks[branch + 1:]) + [cn.controlnet_mid_block]
+        edits = Edits(f"{self.name} (ControlNet)")
+        state = {"cached": False}
+
+        def begin(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            state["cached"] = self._decide(self.state.step + 1, sample.shape[0])
+            state["batch"] = sample.shape[0]
+
+        def skippable(module):
+            key = ("cn", id(module))
+
+            def forward(inner, *args, **kwargs):
+                if not state["cached"]:
+                    out = inner(*args, **kwargs)
+                    self._run.templates[key] = _template(out)
+                    return out
+                return _placeholder(self._run.templates[key], state["batch"])
+
+            return forward
+
+        edits.forward_pre_hook(cn, begin, with_kwargs=True)
+        for m in skipped:
+            edits.wrap_method(m, "forward", skippable(m))
+        try:
+            yield
+        finally:
+            edits.undo()

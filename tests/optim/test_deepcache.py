@@ -1,0 +1,240 @@
+"""deepcache: exact at interval 1, the schedule in denoiser calls (Heun included), composition with CFG
+cut-off, ControlNet, batches, img2img and hires fix, no leaks between calls, few-step safety, and fidelity
+floors on the trained tiny models (numbers from tools/measure_fidelity.py style runs, see the closing note)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffspeed import DiffspeedError, GenerateRequest, accelerate, generate
+from diffspeed.core import Accelerated, Recipe, RecipeError
+from diffspeed.core.unet_units import n_branches
+from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
+from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
+from diffspeed.tiny.check import ssim
+
+from ..pipelines.test_controlnet import TOP_LEFT, untrained  # noqa: F401  (fixture)
+
+PROMPTS = ["a red circle at top left and a yellow star at center on a blue background",
+           "a green square at bottom right on a white background",
+           "a purple triangle at top on a yellow background",
+           "a white star at left on a black background"]
+
+
+def images(pipe, steps=20, n=4, **kw):
+    kw.setdefault("guidance_scale", 7.5)
+    return pipe(PROMPTS[:n], num_inference_steps=steps, output_type="np",
+                generator=[torch.Generator().manual_seed(i) for i in range(n)], **kw).images
+
+
+def psnr(a, b) -> float:
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def mean_ssim(a, b) -> float:
+    u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
+    return float(np.mean([ssim(u8(x), u8(y)) for x, y in zip(a, b)]))
+
+
+def euler(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+
+@pytest.fixture(autouse=True)
+def euler_sd(tiny_sd):
+    """Euler (one call per step) instead of the shipped PNDM, whose PLMS warm-up adds a call."""
+    old = tiny_sd.scheduler
+    tiny_sd.scheduler = euler(tiny_sd)
+    yield
+    tiny_sd.scheduler = old
+
+
+@pytest.fixture(params=["tiny_sd", "tiny_sdxl"])
+def pipe(request):
+    p = request.getfixturevalue(request.param)
+    old = p.scheduler
+    p.scheduler = euler(p)
+    yield p
+    p.scheduler = old
+
+
+def test_interval_one_is_exact(pipe):
+    base = images(pipe, steps=12, n=2)
+    with Accelerated(pipe, [DeepCacheConfig(interval=1)]) as fast:
+        assert np.array_equal(images(fast, steps=12, n=2), base)
+        assert fast.stats.get("deepcache_cached_calls", 0) == 0 and fast.stats["deepcache_full_calls"] == 12
+
+
+def test_schedule_counts_denoiser_calls_with_heun(tiny_sd):
+    from diffusers import HeunDiscreteScheduler
+
+    old = tiny_sd.scheduler
+    tiny_sd.scheduler = HeunDiscreteScheduler.from_config(old.config)
+    try:
+        with Accelerated(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+            images(fast, steps=10, n=1)
+            stats = dict(fast.stats)
+    finally:
+        tiny_sd.scheduler = old
+    assert stats["denoiser_calls"] == 19  # Heun: two UNet calls per step but the last
+    assert stats["deepcache_full_calls"] == 7 and stats.get("deepcache_cached_calls", 0) == 12  # calls 0, 3, ..., 18
+
+
+def test_uniform_and_non_uniform_schedules():
+    c = DeepCacheConfig(interval=3)
+    assert full_calls(20, c) == {0, 3, 6, 9, 12, 15, 18}
+    assert full_calls(20, DeepCacheConfig(interval=3, start=0.25, end=0.75)) == set(range(5)) | {5, 8, 11, 14} | set(
+        range(15, 20))
+    nu = sorted(full_calls(50, DeepCacheConfig(interval=3, schedule="non-uniform", center=0.5, power=2.0)))
+    assert nu[0] == 0 and len(nu) >= 14
+    gaps = np.diff(nu)
+    mid = [g for a, g in zip(nu, gaps) if 15 <= a <= 35]
+    ends = [g for a, g in zip(nu, gaps) if a < 10 or a > 40]
+    assert max(mid) < max(ends)  # denser around the centre
+
+
+def test_state_does_not_leak_between_calls(tiny_sd):
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        first = images(fast, steps=12, n=2)
+        stats = dict(fast.stats)
+        second = images(fast, steps=12, n=2)
+        assert np.array_equal(first, second) and fast.stats == stats
+        third = images(fast, steps=15, n=1)  # another length and batch: a fresh schedule and cache
+        assert third.shape[0] == 1 and fast.stats["denoiser_calls"] == len(tiny_sd.scheduler.timesteps)
+
+
+def test_few_steps_leave_the_run_alone_unless_forced(tiny_sd):
+    base = images(tiny_sd, steps=6, n=2)
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        assert np.array_equal(images(fast, steps=6, n=2), base)
+        assert fast.stats.get("deepcache_cached_calls", 0) == 0 and any("min_steps" in e for e in fast.events)
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=3, force=True)]) as fast:
+        images(fast, steps=6, n=2)
+        assert fast.stats.get("deepcache_cached_calls", 0) > 0
+
+
+def test_max_timestep_jump_refreshes(tiny_sd):  # Euler: no repeated timesteps
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=4, max_timestep_jump=1)]) as fast:
+        images(fast, steps=12, n=1)  # every step moves t by ~80: every call refreshes
+        assert fast.stats.get("deepcache_cached_calls", 0) == 0
+
+
+def test_macs_are_reported_and_match_the_skipped_share(tiny_sd):
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=2, branch=0)]) as fast:
+        images(fast, steps=12, n=1)
+        s = fast.stats
+    assert s["deepcache_total_macs"] > 0 and 0 < s["deepcache_skipped_macs"] < s["deepcache_total_macs"]
+    per_call = s["deepcache_total_macs"] / 12
+    share = s["deepcache_skipped_macs"] / (per_call * s["deepcache_cached_calls"])
+    assert 0.5 < share < 1.0  # branch 0 skips most of the UNet on a cached call
+
+
+def test_composes_with_cfg_cutoff(tiny_sd):
+    recipe = [CfgCutoffConfig(fraction=0.5), DeepCacheConfig(interval=3)]
+    with Accelerated(tiny_sd, [CfgCutoffConfig(fraction=0.5)]) as fast:
+        ref = images(fast, steps=12)
+    with Accelerated(tiny_sd, recipe) as fast:
+        out = images(fast, steps=12)
+        s = fast.stats
+    assert s["cfg_skipped_calls"] == 6 and s["deepcache_full_calls"] == 4 and s["deepcache_cached_calls"] == 8
+    assert psnr(out, ref) > 19  # measured 21.0 dB (DeepCache alone vs the baseline at 12 steps: 24.3 dB)
+
+
+def test_cache_follows_the_batch_when_cfg_is_cut(tiny_sd):
+    """A feature cached with CFG (batch 2B) serves the calls after the cut-off (batch B) with its conditional
+    half -- the layout is [unconditional, conditional]."""
+    with Accelerated(tiny_sd, [CfgCutoffConfig(step=1), DeepCacheConfig(interval=4)]) as fast:
+        point = fast.optimizations[-1]._plan.cache_point
+        seen = []
+        handle = point.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            images(fast, steps=12, n=2)
+        finally:
+            handle.remove()
+        assert fast.stats["deepcache_cached_calls"] == 9
+    assert seen[0].shape[0] == 4 and seen[1].shape[0] == 2
+    assert torch.equal(seen[1], seen[0][2:]) and not torch.equal(seen[1], seen[0][:2])
+
+
+def test_cfg_cut_from_the_start_equals_no_guidance(tiny_sd):
+    """With CFG cut at call 0 every cache is conditional-only: identical to a run without guidance."""
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        no_cfg = images(fast, steps=12, n=2, guidance_scale=1.0)
+    with Accelerated(tiny_sd, [CfgCutoffConfig(fraction=0.0), DeepCacheConfig(interval=3)]) as fast:
+        cut = images(fast, steps=12, n=2)
+    assert np.allclose(no_cfg, cut, atol=1e-5)
+
+
+def test_batch_of_four_and_fidelity(pipe):
+    base = images(pipe, steps=20)
+    with Accelerated(pipe, [DeepCacheConfig(interval=3)]) as fast:
+        out = images(fast, steps=20)
+        assert fast.stats.get("deepcache_cached_calls", 0) == 13
+    # floors from measurement (closing note): tiny-sd 30.4 dB / 0.944, tiny-sdxl (branch 3) 46.1 dB / 0.998
+    floor = {"sd1": (26.0, 0.90), "sdxl": (40.0, 0.99)}
+    from diffspeed.adapters import adapter_for
+
+    p_floor, s_floor = floor[adapter_for(pipe).family]
+    assert psnr(out, base) > p_floor and mean_ssim(out, base) > s_floor
+
+
+def test_deeper_branch_is_closer_to_the_baseline(tiny_sd):
+    base = images(tiny_sd, steps=20, n=2)
+    scores = []
+    for branch in (0, 3, n_branches(tiny_sd.unet) - 1):
+        with Accelerated(tiny_sd, [DeepCacheConfig(interval=3, branch=branch)]) as fast:
+            scores.append(psnr(images(fast, steps=20, n=2), base))
+    assert scores[0] < scores[1] < scores[2]
+
+
+def test_controlnet_deep_half_is_skipped_on_cached_calls(tiny_sd, untrained):  # noqa: F811
+    from diffusers import ControlNetModel
+
+    cn = ControlNetModel.from_pretrained(untrained["sd"])
+    calls = {"mid": 0}
+    # inside the mid block: a skipped module is still called (its hooks fire), its insides are not
+    cn.mid_block.resnets[0].register_forward_pre_hook(lambda *_: calls.update(mid=calls["mid"] + 1))
+    req = dict(prompt=PROMPTS[0], seed=1, steps=12, sampler="Euler", controlnet=cn, control_image=TOP_LEFT)
+    with accelerate(tiny_sd, []) as fast:
+        ref = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False).images[0]
+    calls["mid"] = 0
+    with accelerate(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
+    assert out.stats["deepcache_full_calls"] == 4 and calls["mid"] == 4  # ControlNet mid block: full calls only
+    assert psnr(np.asarray(out.images[0]) / 255, np.asarray(ref) / 255) > 22
+    with accelerate(tiny_sd, [CfgCutoffConfig(fraction=0.5), DeepCacheConfig(interval=3)]) as fast:
+        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
+    assert out.stats.get("cfg_skipped_calls", 0) == 6 and out.images[0].size == (64, 64)
+
+
+def test_img2img_and_hires(tiny_sd):
+    init = Image.new("RGB", (64, 64), (30, 70, 220))
+    with accelerate(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        out = generate(tiny_sd, GenerateRequest(prompt=PROMPTS[0], seed=2, steps=20, init_image=init,
+                                                denoising_strength=0.6), runner=fast, progress=False)
+        assert out.stats["denoiser_calls"] == 12 and out.stats["deepcache_full_calls"] == 4  # 0, 3, 6, 9
+        out = generate(tiny_sd, GenerateRequest(prompt=PROMPTS[0], seed=2, steps=12, hires_scale=1.5,
+                                                denoising_strength=0.5), runner=fast, progress=False)
+        assert out.images[0].size == (96, 96)
+        assert out.stats["deepcache_full_calls"] + out.stats.get("deepcache_cached_calls", 0) == 12 + 6
+
+
+def test_bad_settings_name_the_field(tiny_sd):
+    with pytest.raises(DiffspeedError) as err:
+        DeepCacheConfig(interval=0)
+    assert err.value.field == "interval"
+    with pytest.raises(DiffspeedError) as err:
+        DeepCacheConfig(start=0.8, end=0.5)
+    assert err.value.field == "end"
+    with pytest.raises(RecipeError, match="branch 40 is outside 0..8"):
+        Accelerated(tiny_sd, [DeepCacheConfig(branch=40)])
+    with pytest.raises(RecipeError, match="compile"):
+        Recipe.from_dict({"optimization": [{"name": "deepcache"}, {"name": "compile"}]}).validate(tiny_sd)
