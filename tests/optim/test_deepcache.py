@@ -238,3 +238,20 @@ def test_bad_settings_name_the_field(tiny_sd):
         Accelerated(tiny_sd, [DeepCacheConfig(branch=40)])
     with pytest.raises(RecipeError, match="compile"):
         Recipe.from_dict({"optimization": [{"name": "deepcache"}, {"name": "compile"}]}).validate(tiny_sd)
+
+
+@pytest.mark.parametrize("branch", [0, 4])
+def test_same_images_as_the_deepcache_package(tiny_sd, branch):
+    """The authors' DeepCacheSDHelper at the same interval and branch (with Euler, whose timesteps do not
+    repeat, so its timestep lookup counts right) makes the same images."""
+    pytest.importorskip("DeepCache")
+    from diffspeed.bench.peers import deepcache_package
+
+    disable = deepcache_package(3, branch).enable(tiny_sd)
+    try:
+        theirs = images(tiny_sd, steps=12, n=2)
+    finally:
+        disable()
+    with Accelerated(tiny_sd, [DeepCacheConfig(interval=3, branch=branch)]) as fast:
+        ours = images(fast, steps=12, n=2)
+    assert np.allclose(ours, theirs, atol=1e-6)

@@ -18,6 +18,9 @@ class Adapter:
     # 3, past its attention-free first level -- seed 000 found shallow SDXL boundaries lose detail, and on
     # tiny-sdxl (interval 3, 20 Euler steps) branch 0 measured 32.0 dB PSNR, branch 3 46.1 dB
     deepcache_branch: int = 0
+    # deepest UNet level whose self-attention HyperTile tiles / ToMe merges by default: the level of the first
+    # attention (SD 1.x: the full latent resolution; SDXL has none there, so 0 would do nothing -- seed 000)
+    first_attention_level: int = 0
     # What tells this family's UNet apart (checked in order; the first match wins).
     addition_embed_type: str | None = None
     cross_attention_dim: int | None = None
@@ -25,7 +28,7 @@ class Adapter:
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("sdxl", freeu={"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}, deepcache_branch=3,
-            addition_embed_type="text_time"),
+            first_attention_level=1, addition_embed_type="text_time"),
     Adapter("sd2", freeu={"b1": 1.4, "b2": 1.6, "s1": 0.9, "s2": 0.2}, cross_attention_dim=1024),
     Adapter("sd1", freeu={"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}),
 )

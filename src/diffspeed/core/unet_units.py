@@ -10,6 +10,7 @@ found here from the modules themselves -- duck typing on ``resnets`` / ``attenti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,12 @@ def attention_levels(unet) -> list[tuple[int, str, torch.nn.Module]]:
     mid_attns = getattr(getattr(unet, "mid_block", None), "attentions", None) or []
     out += [(len(unet.down_blocks) - 1, "mid", m) for m in mid_attns]
     return out
+
+
+def grid_at(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """The token grid at resolution ``level`` for a latent of ``latent_hw``: the UNet's stride-2
+    convolutions round odd sizes up."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w

@@ -33,6 +33,7 @@ import torch
 
 from diffspeed.adapters import adapter_for
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.core.guards import caching_allowed
 from diffspeed.core.unet_units import Unit, consumer_index, down_units, n_branches, up_units
 from diffspeed.errors import DiffspeedError
 
@@ -58,9 +59,9 @@ class DeepCacheConfig(OptConfig):
     max_timestep_jump: int | None = param(None, "also refresh when the timestep moved more than this (train "
                                           "timesteps) since the last full pass; reads t on the host",
                                           range=(1, 1000), kind=int)
-    min_steps: int = param(10, "runs with fewer denoiser calls are left alone (with a note): caching few-step "
-                           "samplers (LCM, turbo) ruins them", range=(1, 1000))
-    force: bool = param(False, "cache even below min_steps")
+    min_steps: int = param(10, "runs with fewer denoiser calls, or with a few-step sampler (LCM, TCD), are "
+                           "left alone with a note: caching ruins them", range=(1, 1000))
+    force: bool = param(False, "cache even below min_steps or with a few-step sampler")
 
     def checks(self):
         if self.start >= self.end:
@@ -195,7 +196,6 @@ class _RunCache:
         self.t: float | None = None
         self.cached = False  # the current UNet call runs the shallow path
         self.batch = 0
-        self.noted = False
         self.counting: tuple[list[int], list[int]] | None = None  # MACs (all, skipped) of this full call
         self.handles: list | None = None
 
@@ -250,12 +250,7 @@ class DeepCache(Optimization):
         total = self.state.total_steps
         cached = False
         if index >= 0 and total > 0 and run.feature is not None:
-            if total < self.config.min_steps and not self.config.force:
-                if not run.noted:
-                    self.state.events.append(f"deepcache: {total} denoiser calls < min_steps "
-                                             f"{self.config.min_steps}; not caching (force=true to cache anyway)")
-                    run.noted = True
-            else:
+            if caching_allowed(self.state, self.name, self.config.min_steps, self.config.force):
                 if run.schedule is None:
                     run.schedule = full_calls(total, self.config)
                 jump = self.config.max_timestep_jump

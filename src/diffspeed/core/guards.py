@@ -1,0 +1,31 @@
+"""Shared safety rules of the caching optimizations (deepcache, tgate): few-step samplers are left alone.
+
+Reusing features between denoiser calls assumes adjacent calls see similar inputs. With a handful of steps
+(LCM, SDXL-Turbo, Lightning: 1-8 steps) each call moves the latent far, and caching ruins the image; the
+web-UI extension and the DeepCache paper both report it. Such runs are left untouched, with a note in the
+run's events, unless the user forces it.
+"""
+
+from __future__ import annotations
+
+from diffspeed.core.state import RunState
+
+FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # made for 1-8 steps, where caching fails
+
+
+def caching_allowed(state: RunState, name: str, min_steps: int, force: bool) -> bool:
+    """False (and a note in ``state.events``, once per run) when caching should stay off for this run."""
+    if force:
+        return True
+    scheduler = type(getattr(state.pipeline, "scheduler", None)).__name__
+    reason = None
+    if scheduler in FEW_STEP_SCHEDULERS:
+        reason = f"{scheduler} is a few-step sampler"
+    elif 0 < state.total_steps < min_steps:
+        reason = f"{state.total_steps} denoiser calls < min_steps {min_steps}"
+    if reason is None:
+        return True
+    note = f"{name}: {reason}; not caching (force=true to cache anyway)"
+    if note not in state.events:
+        state.events.append(note)
+    return False
