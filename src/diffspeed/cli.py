@@ -151,7 +151,9 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time every optimization against a same-run baseline; write a report")
     p.add_argument("--model", default="tiny-sd", help="shipped name, path, or random:sd15 / random:sdxl "
                    "(full-size architecture, random weights: speed and memory only)")
-    p.add_argument("--suite", default="classic", choices=["classic"], help="which optimizations to run")
+    p.add_argument("--suite", default="classic", choices=["classic", "caching"],
+                   help="classic: the classic menu; caching: feature caching / token merging with their peers")
+    p.add_argument("--prompts", type=int, default=4, help="how many of the 4 built-in prompts to use (1..4)")
     p.add_argument("--recipe", default=None, help="bench this recipe file instead of a suite")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's)")
@@ -164,13 +166,14 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from diffspeed.bench.runner import classic_suite, run_bench, save_report, suite_from_recipe
+    from diffspeed.bench.runner import PROMPTS, SUITES, run_bench, save_report, suite_from_recipe
     from diffspeed.errors import check_range
     from diffspeed.generate import native_size
     from diffspeed.pipelines.load import load
 
     check_range("steps", args.steps, 1, 1000)
     check_range("repeats", args.repeats, 1, 100)
+    check_range("prompts", args.prompts, 1, len(PROMPTS))
     if args.model.startswith("random:"):
         from diffspeed.bench.models import random_pipeline
 
@@ -182,12 +185,12 @@ def cmd_bench(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     size = args.size or native_size(pipe)[0]
     check_range("size", size, 64, 2048)
-    suite = suite_from_recipe(args.recipe) if args.recipe else classic_suite(size)
+    suite = suite_from_recipe(args.recipe) if args.recipe else SUITES[args.suite](size)
     if args.only:
         suite = [s for s in suite if any(o in s[0] for o in args.only)]
     data = run_bench(pipe, args.model, suite, steps=args.steps, size=size, cfg=args.cfg_scale,
-                     repeats=args.repeats, fidelity=fidelity)
-    name = args.out or f"benchmarks/{args.model.replace(':', '-').replace('/', '_')}"
+                     repeats=args.repeats, fidelity=fidelity, n_prompts=args.prompts)
+    name = args.out or f"benchmarks/{args.model.replace(':', '-').replace('/', '_')}-{args.suite}"
     md, js = save_report(data, name)
     print(md.read_text())
     print(f"wrote {md} and {js}")

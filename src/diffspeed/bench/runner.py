@@ -9,6 +9,7 @@ written next to the machine, the versions and the exact command.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffspeed.bench.peers import Peer, deepcache_package, tomesd_package
 from diffspeed.core import Accelerated, OptConfig, Recipe, RecipeError, all_optimizations
 
 PROMPTS = (  # (prompt, seed): four subjects like seed 001's portrait / interior / macro / 3D set
@@ -80,14 +82,36 @@ def classic_suite(image_size: int) -> list[tuple[str, list[OptConfig]]]:
     return suite
 
 
+def caching_suite(image_size: int) -> list[tuple[str, list[OptConfig] | Peer]]:
+    """Feature caching and token reduction, with the peers' packages at the same settings."""
+    known = all_optimizations()
+    suite: list = []
+    if "deepcache" in known:
+        dc = known["deepcache"].Config
+        suite += [("deepcache interval 3 branch 0", [dc(interval=3, branch=0)]),
+                  ("DeepCache package interval 3 branch 0", deepcache_package(3, 0)),
+                  ("deepcache interval 5 branch 0", [dc(interval=5, branch=0)]),
+                  ("deepcache interval 3 family default", [dc(interval=3)])]
+    for name, kw, peer in (("tome", {"ratio": 0.5}, tomesd_package(0.5)), ("hypertile", {}, None),
+                           ("tgate", {}, None)):
+        if name in known:
+            suite.append((f"{name} {' '.join(f'{k} {v}' for k, v in kw.items())}".strip(), [known[name].Config(**kw)]))
+            if peer is not None:
+                suite.append((peer.name, peer))
+    return suite
+
+
+SUITES = {"classic": classic_suite, "caching": caching_suite}
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _generate(runner, pipe, steps: int, size: int, cfg: float) -> np.ndarray:
-    prompts = [p for p, _ in PROMPTS]
-    gens = [torch.Generator(pipe._execution_device).manual_seed(s) for _, s in PROMPTS]
+def _generate(runner, pipe, steps: int, size: int, cfg: float, n_prompts: int = len(PROMPTS)) -> np.ndarray:
+    prompts = [p for p, _ in PROMPTS[:n_prompts]]
+    gens = [torch.Generator(pipe._execution_device).manual_seed(s) for _, s in PROMPTS[:n_prompts]]
     out = runner(prompts, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
                  generator=gens, output_type="np")
     return np.asarray(out.images, dtype=np.float32)
@@ -105,30 +129,54 @@ def _fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float |
     return psnr, ssim
 
 
-def measure(pipe, name: str, configs: list[OptConfig], *, steps: int, size: int, cfg: float, repeats: int,
-            reference: np.ndarray | None) -> Measurement:
+class _PeerRunner:
+    """A peer's patch applied to the pipeline for the duration of a ``with`` block; calls go to the pipeline."""
+
+    def __init__(self, pipe, peer: Peer):
+        self.pipe, self.peer, self.stats = pipe, peer, {}
+        self._disable = peer.enable(pipe)
+
+    def __call__(self, *args, **kwargs):
+        return self.pipe(*args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._disable()
+
+
+def measure(pipe, name: str, configs: list[OptConfig] | Peer, *, steps: int, size: int, cfg: float, repeats: int,
+            reference: np.ndarray | None, n_prompts: int = len(PROMPTS)) -> Measurement:
+    """Warm up once, time ``repeats`` calls, sample peak memory, compare with ``reference``. ``configs`` is a
+    recipe (a list of configs) or a :class:`~diffspeed.bench.peers.Peer`."""
     from diffspeed.bench.memory import peak_memory
 
-    m = Measurement(name, [c.to_dict() for c in configs])
+    is_peer = isinstance(configs, Peer)
+    m = Measurement(name, [{"peer": configs.package, **configs.settings}] if is_peer else
+                    [c.to_dict() for c in configs])
     try:
-        fast = Accelerated(pipe, configs)
+        if is_peer and configs.missing():
+            raise RecipeError([configs.missing()], name)
+        fast = _PeerRunner(pipe, configs) if is_peer else Accelerated(pipe, configs)
     except RecipeError as err:
         m.skipped = "; ".join(err.problems)
         return m
+    gen = functools.partial(_generate, steps=steps, size=size, cfg=cfg, n_prompts=n_prompts)
     with fast:
         t0 = time.perf_counter()
-        _generate(fast, pipe, steps, size, cfg)
+        gen(fast, pipe)
         _sync()
         m.first_call_s = time.perf_counter() - t0
         images = None
         for _ in range(repeats):
             _sync()
             t0 = time.perf_counter()
-            images = _generate(fast, pipe, steps, size, cfg)
+            images = gen(fast, pipe)
             _sync()
             m.seconds.append(time.perf_counter() - t0)
         m.stats = dict(fast.stats)
-        m.peak_mb = peak_memory(lambda: _generate(fast, pipe, steps, size, cfg))["peak_mb"]
+        m.peak_mb = peak_memory(lambda: gen(fast, pipe))["peak_mb"]
     if reference is not None:
         m.psnr_db, m.ssim = _fidelity(images, reference)
     return m
@@ -149,16 +197,16 @@ def environment() -> dict:
 
 
 def run_bench(pipe, model_name: str, suite, *, steps: int, size: int, cfg: float, repeats: int,
-              fidelity: bool = True) -> dict:
-    base = measure(pipe, "baseline", [], steps=steps, size=size, cfg=cfg, repeats=repeats, reference=None)
-    reference = _generate(pipe, pipe, steps, size, cfg) if fidelity else None
+              fidelity: bool = True, n_prompts: int = len(PROMPTS)) -> dict:
+    kw = dict(steps=steps, size=size, cfg=cfg, repeats=repeats, n_prompts=n_prompts)
+    base = measure(pipe, "baseline", [], reference=None, **kw)
+    reference = _generate(pipe, pipe, steps, size, cfg, n_prompts) if fidelity else None
     rows = [base]
     for name, configs in suite:
         print(f"  {name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(pipe, name, configs, steps=steps, size=size, cfg=cfg, repeats=repeats,
-                            reference=reference))
+        rows.append(measure(pipe, name, configs, reference=reference, **kw))
     return {"model": model_name, "steps": steps, "size": size, "cfg": cfg, "repeats": repeats,
-            "prompts": [p for p, _ in PROMPTS], "environment": environment(),
+            "prompts": [p for p, _ in PROMPTS[:n_prompts]], "environment": environment(),
             "command": " ".join(["diffspeed", *sys.argv[1:]]) if sys.argv and "diffspeed" in sys.argv[0]
             else " ".join(sys.argv), "results": [asdict(r) | {"median_s": r.median} for r in rows]}
 
