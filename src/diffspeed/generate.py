@@ -305,13 +305,15 @@ class _Runner:
     def _generators(self) -> list[torch.Generator]:
         return [torch.Generator(self.gen_device).manual_seed(s) for s in self.seeds]
 
-    def __call__(self, target, **kwargs):
+    def __call__(self, target, continues: bool = False, **kwargs):
+        """Run one pass; ``continues`` marks a pass that carries on from the previous one (hires fix's second
+        pass), which optimizations may use (deepcache's ``hires_reuse``)."""
         gens = self._generators()
         target.set_progress_bar_config(disable=self.pipe._progress_bar_config.get("disable", False))
         if self.runner is None:
             return target(**kwargs, generator=gens)
         if hasattr(self.runner, "run"):
-            out = self.runner.run(target, **kwargs, generator=gens)
+            out = self.runner.run(target, **kwargs, generator=gens, continues=continues)
             self.stats.update(getattr(self.runner, "stats", {}))
             self.events += getattr(self.runner, "events", [])
             return out
@@ -423,8 +425,8 @@ def _hires(pipe, request: GenerateRequest, run: _Runner, common: dict):
         image = upscale_images(list(first), big, mode)
     steps2 = request.hires_steps or request.steps
     strength = request.strength
-    second = run(run.pipeline("img2img"), **common, image=image, strength=strength, num_inference_steps=steps2,
-                 **run.control_kwargs("img2img", big)).images
+    second = run(run.pipeline("img2img"), continues=True, **common, image=image, strength=strength,
+                 num_inference_steps=steps2, **run.control_kwargs("img2img", big)).images
     extra = {"Denoising strength": strength, "Hires upscale": request.hires_scale,
              **({"Hires steps": request.hires_steps} if request.hires_steps else {}),
              "Hires upscaler": canonical_upscaler(request.hires_upscaler)}

@@ -255,3 +255,33 @@ def test_same_images_as_the_deepcache_package(tiny_sd, branch):
     with Accelerated(tiny_sd, [DeepCacheConfig(interval=3, branch=branch)]) as fast:
         ours = images(fast, steps=12, n=2)
     assert np.allclose(ours, theirs, atol=1e-6)
+
+
+def test_hires_reuse_starts_the_second_pass_from_the_first(tiny_sd):
+    req = GenerateRequest(prompt=PROMPTS[0], seed=2, steps=12, sampler="Euler", hires_scale=2.0,
+                          denoising_strength=0.5)
+    with accelerate(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+        plain = generate(tiny_sd, req, runner=fast, progress=False)
+    with accelerate(tiny_sd, [DeepCacheConfig(interval=3, hires_reuse=True)]) as fast:
+        reuse = generate(tiny_sd, req, runner=fast, progress=False)
+    p, r = plain.stats, reuse.stats
+    assert r["deepcache_hires_reused"] == 1 and "deepcache_hires_reused" not in p
+    # first pass 12 calls (4 full), second 6 calls: 2 full without reuse, 1 with (its first call is cached)
+    assert p["deepcache_full_calls"] == 6 and r["deepcache_full_calls"] == 5
+    a, b = (np.asarray(x.images[0], dtype=np.float64) / 255 for x in (plain, reuse))
+    assert reuse.images[0].size == (128, 128) and 0 < psnr(a, b) < math.inf
+    assert psnr(a, b) > 18
+
+
+def test_few_step_sampler_is_left_alone(tiny_sd):
+    from diffusers import LCMScheduler
+
+    old = tiny_sd.scheduler
+    tiny_sd.scheduler = LCMScheduler.from_config(old.config)
+    try:
+        base = images(tiny_sd, steps=12, n=1)
+        with Accelerated(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
+            assert np.array_equal(images(fast, steps=12, n=1), base)
+            assert any("LCMScheduler is a few-step sampler" in e for e in fast.events)
+    finally:
+        tiny_sd.scheduler = old

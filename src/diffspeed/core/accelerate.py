@@ -46,13 +46,16 @@ class Accelerated:
     def __call__(self, *args: Any, **kwargs: Any):
         return self.run(self.pipe, *args, **kwargs)
 
-    def run(self, target, *args: Any, **kwargs: Any):
+    def run(self, target, *args: Any, continues: bool = False, **kwargs: Any):
         """Call ``target`` -- this pipeline or a workflow pipeline sharing its components (img2img, inpaint,
-        see :func:`diffspeed.pipelines.workflows.workflow_pipeline`) -- with the recipe in effect."""
+        see :func:`diffspeed.pipelines.workflows.workflow_pipeline`) -- with the recipe in effect.
+        ``continues``: this call carries on from the previous one (hires fix's second pass); optimizations see
+        it as ``state.continues`` while they reset, and may keep what the previous pass left them."""
         if target is not self.pipe and getattr(target, "unet", None) is not self.pipe.unet:
             raise ValueError("Accelerated.run: the target pipeline must share this pipeline's UNet")
         self.state.reset()
         self.state.pipeline = target
+        self.state.continues = continues
         for opt in self.optimizations:
             opt.reset()
         call = target.__call__

@@ -17,12 +17,14 @@ def caching_allowed(state: RunState, name: str, min_steps: int, force: bool) -> 
     """False (and a note in ``state.events``, once per run) when caching should stay off for this run."""
     if force:
         return True
-    scheduler = type(getattr(state.pipeline, "scheduler", None)).__name__
+    scheduler = getattr(state.pipeline, "scheduler", None)
+    # img2img and hires passes run part of a longer schedule: its length is what sets the step size
+    steps = max(state.total_steps, getattr(scheduler, "num_inference_steps", None) or 0)
     reason = None
-    if scheduler in FEW_STEP_SCHEDULERS:
-        reason = f"{scheduler} is a few-step sampler"
-    elif 0 < state.total_steps < min_steps:
-        reason = f"{state.total_steps} denoiser calls < min_steps {min_steps}"
+    if type(scheduler).__name__ in FEW_STEP_SCHEDULERS:
+        reason = f"{type(scheduler).__name__} is a few-step sampler"
+    elif 0 < steps < min_steps:
+        reason = f"a {steps}-step schedule < min_steps {min_steps}"
     if reason is None:
         return True
     note = f"{name}: {reason}; not caching (force=true to cache anyway)"

@@ -19,9 +19,10 @@ class RunState:
     stats: Counter = field(default_factory=Counter)  # counts an optimization wants to report
     events: list[str] = field(default_factory=list)  # one-off notes ("vae decode re-run in fp32")
     pipeline: Any = None  # the pipeline object running this call (the loaded one, or a workflow pipeline)
+    continues: bool = False  # this call carries on from the previous one (hires fix's second pass)
 
     def reset(self) -> None:
-        self.step, self.total_steps, self.cfg, self.pipeline = -1, 0, False, None
+        self.step, self.total_steps, self.cfg, self.pipeline, self.continues = -1, 0, False, None, False
         self.stats.clear()
         self.events.clear()
 

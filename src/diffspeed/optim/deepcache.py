@@ -30,11 +30,12 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffspeed.adapters import adapter_for
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.core.guards import caching_allowed
-from diffspeed.core.unet_units import Unit, consumer_index, down_units, n_branches, up_units
+from diffspeed.core.unet_units import Unit, consumer_index, down_units, grid_at, n_branches, up_units
 from diffspeed.errors import DiffspeedError
 
 SCHEDULES = ("uniform", "non-uniform")
@@ -62,6 +63,8 @@ class DeepCacheConfig(OptConfig):
     min_steps: int = param(10, "runs with fewer denoiser calls, or with a few-step sampler (LCM, TCD), are "
                            "left alone with a note: caching ruins them", range=(1, 1000))
     force: bool = param(False, "cache even below min_steps or with a few-step sampler")
+    hires_reuse: bool = param(False, "hires fix: the second pass starts from the first pass's last deep feature "
+                              "(resized) instead of a full call (the web-UI extension's hires reuse)")
 
     def checks(self):
         if self.start >= self.end:
@@ -166,6 +169,26 @@ def _macs_hooks(model, total: list[int], skipped: list[int], skipped_ids: set[in
     return handles
 
 
+def _resize_hw(hw, old_latent, new_latent) -> tuple[int, int]:
+    """The spatial size at ``new_latent`` of a feature that had ``hw`` at ``old_latent`` (same UNet level)."""
+    for level in range(8):
+        if grid_at(old_latent, level) == tuple(hw):
+            return grid_at(new_latent, level)
+    raise ValueError(f"deepcache: no UNet level has a {tuple(hw)} grid for a {old_latent} latent")
+
+
+def _remap(tpl, old_latent, new_latent):
+    """A :func:`_template` with every 4-D tensor's spatial size moved from ``old_latent`` to ``new_latent``."""
+    if isinstance(tpl, tuple) and len(tpl) == 3 and isinstance(tpl[1], torch.dtype):
+        shape, dtype, device = tpl
+        if len(shape) == 4:
+            shape = (*shape[:2], *_resize_hw(shape[2:], old_latent, new_latent))
+        return (shape, dtype, device)
+    if isinstance(tpl, tuple) and len(tpl) == 2 and isinstance(tpl[0], type):
+        return (tpl[0], {k: _remap(v, old_latent, new_latent) for k, v in tpl[1].items()})
+    return type(tpl)(_remap(t, old_latent, new_latent) for t in tpl)
+
+
 def full_calls(total: int, c: DeepCacheConfig) -> set[int]:
     """The denoiser call indices (of ``total``) that run in full under config ``c``."""
     lo, hi = math.floor(c.start * total + 1e-9), math.ceil(c.end * total - 1e-9)
@@ -198,6 +221,8 @@ class _RunCache:
         self.batch = 0
         self.counting: tuple[list[int], list[int]] | None = None  # MACs (all, skipped) of this full call
         self.handles: list | None = None
+        self.latent: tuple[int, int] | None = None
+        self.carry: _RunCache | None = None  # the previous pass's cache, for hires_reuse
 
 
 @register
@@ -238,18 +263,33 @@ class DeepCache(Optimization):
             edits.wrap_method(module, "forward", self._skippable(module, module is self._plan.cache_point, real))
 
     def _reset(self) -> None:
+        old = self._run
         self._run = _RunCache()
+        if self.config.hires_reuse and self.state is not None and self.state.continues and old.feature is not None:
+            self._run.carry = old
+
+    def _adopt_carry(self, latent: tuple[int, int]) -> None:
+        """hires_reuse: take the previous pass's deep feature and placeholder shapes, resized to ``latent``."""
+        old = self._run.carry
+        self._run.feature = F.interpolate(old.feature, size=_resize_hw(old.feature.shape[-2:], old.latent, latent),
+                                          mode="bilinear", align_corners=False)
+        self._run.templates = {k: _remap(t, old.latent, latent) for k, t in old.templates.items()}
+        self._run.carry = None
+        self.state.stats["deepcache_hires_reused"] += 1
 
     # ------------------------------------------------------------------------------------------ decisions
-    def _decide(self, index: int, batch: int) -> bool:
+    def _decide(self, index: int, sample: torch.Tensor) -> bool:
         """Whether denoiser call ``index`` takes the shallow path; decided once per call, so a ControlNet
         (which runs first) and the UNet agree."""
         run = self._run
         if index in run.decisions:
             return run.decisions[index]
+        batch = sample.shape[0]
         total = self.state.total_steps
         cached = False
-        if index >= 0 and total > 0 and run.feature is not None:
+        if index == 0 and run.carry is not None and run.carry.feature.shape[0] in (batch, 2 * batch):
+            cached = caching_allowed(self.state, self.name, self.config.min_steps, self.config.force)
+        elif index >= 0 and total > 0 and run.feature is not None:
             if caching_allowed(self.state, self.name, self.config.min_steps, self.config.force):
                 if run.schedule is None:
                     run.schedule = full_calls(total, self.config)
@@ -257,6 +297,8 @@ class DeepCache(Optimization):
                 cached = (index not in run.schedule and run.feature.shape[0] in (batch, 2 * batch)
                           and not (jump and run.t is not None and run.last_full_t is not None
                                    and abs(run.t - run.last_full_t) > jump))
+        if cached and run.carry is not None:
+            self._adopt_carry(tuple(sample.shape[-2:]))
         run.decisions[index] = cached
         return cached
 
@@ -268,7 +310,8 @@ class DeepCache(Optimization):
     def _begin(self, module, args):
         run, state = self._run, self.state
         run.batch = args[0].shape[0]
-        run.cached = self._decide(state.step, run.batch)
+        run.cached = self._decide(state.step, args[0])
+        run.latent = tuple(args[0].shape[-2:])
         if run.cached and run.feature.shape[0] not in (run.batch, 2 * run.batch):
             raise DiffspeedError("deepcache: the batch changed within a call in a way the cache cannot follow",
                                  field="deepcache")
@@ -338,7 +381,7 @@ class DeepCache(Optimization):
 
         def begin(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
-            state["cached"] = self._decide(self.state.step + 1, sample.shape[0])
+            state["cached"] = self._decide(self.state.step + 1, sample)
             state["batch"] = sample.shape[0]
 
         def skippable(module):
