@@ -154,6 +154,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--suite", default="classic", choices=["classic", "caching"],
                    help="classic: the classic menu; caching: feature caching / token merging with their peers")
     p.add_argument("--prompts", type=int, default=4, help="how many of the 4 built-in prompts to use (1..4)")
+    p.add_argument("--sampler", default=None, help="sampler of every entry, baseline included (default: the "
+                   "model's scheduler)")
     p.add_argument("--recipe", default=None, help="bench this recipe file instead of a suite")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's)")
@@ -183,6 +185,10 @@ def cmd_bench(args) -> int:
         pipe = load(args.model, device=args.device)
         fidelity = True
     pipe.set_progress_bar_config(disable=True)
+    if args.sampler:
+        from diffspeed.pipelines.samplers import get_sampler
+
+        pipe.scheduler = get_sampler(args.sampler).build(pipe.scheduler.config)
     size = args.size or native_size(pipe)[0]
     check_range("size", size, 64, 2048)
     suite = suite_from_recipe(args.recipe) if args.recipe else SUITES[args.suite](size)

@@ -206,7 +206,8 @@ def run_bench(pipe, model_name: str, suite, *, steps: int, size: int, cfg: float
         print(f"  {name} ...", file=sys.stderr, flush=True)
         rows.append(measure(pipe, name, configs, reference=reference, **kw))
     return {"model": model_name, "steps": steps, "size": size, "cfg": cfg, "repeats": repeats,
-            "prompts": [p for p, _ in PROMPTS[:n_prompts]], "environment": environment(),
+            "scheduler": type(pipe.scheduler).__name__, "prompts": [p for p, _ in PROMPTS[:n_prompts]],
+            "environment": environment(),
             "command": " ".join(["diffspeed", *sys.argv[1:]]) if sys.argv and "diffspeed" in sys.argv[0]
             else " ".join(sys.argv), "results": [asdict(r) | {"median_s": r.median} for r in rows]}
 
@@ -219,7 +220,8 @@ def report_markdown(data: dict) -> str:
     lines = [f"# diffspeed bench: {data['model']}", "",
              f"- command: `{data['command']}`",
              f"- {len(data['prompts'])} prompts x {data['steps']} steps, {data['size']}x{data['size']}, "
-             f"CFG {data['cfg']}, {data['repeats']} timed repeats after 1 warm-up",
+             f"CFG {data['cfg']}, {data.get('scheduler', 'the model scheduler')}, {data['repeats']} timed repeats "
+             "after 1 warm-up",
              f"- machine: {env['device']} ({env['cpu']}, {env['threads']} threads), {env['platform']}",
              f"- versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
              f"transformers {env['transformers']}", "",
