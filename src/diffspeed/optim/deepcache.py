@@ -223,6 +223,7 @@ class _RunCache:
         self.handles: list | None = None
         self.latent: tuple[int, int] | None = None
         self.carry: _RunCache | None = None  # the previous pass's cache, for hires_reuse
+        self.placeholders: dict[tuple, object] = {}
 
 
 @register
@@ -254,7 +255,8 @@ class DeepCache(Optimization):
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         unet = pipe.unet
         self._plan = _plan(unet, self.branch(unet), with_up=True)
-        edits.forward_pre_hook(unet, self._see_timestep, with_kwargs=True)
+        if self.config.max_timestep_jump:
+            edits.forward_pre_hook(unet, self._see_timestep, with_kwargs=True)
         edits.forward_pre_hook(unet.conv_in, self._begin)
         edits.forward_hook(unet, self._end)
         blocks = {id(b) for b in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]}
@@ -350,11 +352,15 @@ class DeepCache(Optimization):
                 if is_cache_point:  # a copy: the next layer may scale its input in place (FreeU)
                     run.feature = (out if isinstance(out, torch.Tensor) else out[0]).clone()
                 return out
-            feature = None
             if is_cache_point:
                 feature = run.feature if run.feature.shape[0] == run.batch else run.feature[run.batch:]
-                feature = feature.clone()
-            return _placeholder(run.templates[key], run.batch, feature, real)
+                return _placeholder(run.templates[key], run.batch, feature.clone(), real)
+            if real:  # written in place downstream: a fresh one each call
+                return _placeholder(run.templates[key], run.batch, None, True)
+            memo = run.placeholders.get((key, run.batch))
+            if memo is None:  # zero-stride and read-only: one per module and batch serves every cached call
+                memo = run.placeholders[key, run.batch] = _placeholder(run.templates[key], run.batch)
+            return memo
 
         return forward
 
