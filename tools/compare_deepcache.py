@@ -5,8 +5,9 @@
 
 Both run in one process on one pipeline, alternating baseline / diffspeed / package each round (in a
 rotating order) so that drift in machine load hits all three alike; the UNet loop alone is timed
-(``output_type="latent"``: the VAE decode is the same for all three). Reports each median, the ratios, the theoretical speed-up from the MACs
-deepcache skipped, and the largest difference between the two implementations' latents.
+(``output_type="latent"``: the VAE decode is the same for all three). Reports each median, the ratios,
+the theoretical speed-up from the MACs deepcache skipped, and the largest difference between the two
+implementations' latents.
 """
 
 from __future__ import annotations
