@@ -106,14 +106,31 @@ def _skip_list(units: list[Unit]) -> list[torch.nn.Module]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """A tensor's shape, dtype and device, as a skipped module returned it on the last full call."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutputSpec:
+    """A diffusers ``BaseOutput`` whose fields are specs."""
+
+    cls: type
+    fields: dict
+
+
 def _template(out):
-    """The structure of ``out`` with each tensor replaced by (shape, dtype, device)."""
+    """The structure of ``out`` with each tensor replaced by a :class:`_Spec`."""
     if isinstance(out, torch.Tensor):
-        return (tuple(out.shape), out.dtype, out.device)
+        return _Spec(tuple(out.shape), out.dtype, out.device)
     if isinstance(out, (tuple, list)):
         return type(out)(_template(o) for o in out)
     if hasattr(out, "to_tuple"):  # a diffusers BaseOutput
-        return (type(out), {k: _template(v) for k, v in out.items()})
+        return _OutputSpec(type(out), {k: _template(v) for k, v in out.items()})
     raise TypeError(f"deepcache: cannot stand in for a {type(out).__name__} output")
 
 
@@ -121,16 +138,14 @@ def _placeholder(tpl, batch: int, tensor=None, real: bool = False):
     """A stand-in built from :func:`_template` with ``batch`` rows: ``tensor`` as the first output, zeros
     elsewhere -- zero-stride views (no memory), or ``real`` zeros where a block writes into its input in place
     (FreeU scales half the channels of an up layer's input in place)."""
-    if isinstance(tpl, tuple) and len(tpl) == 3 and isinstance(tpl[1], torch.dtype):
+    if isinstance(tpl, _Spec):
         if tensor is not None:
             return tensor
-        shape, dtype, device = tpl
         if real:
-            return torch.zeros((batch, *shape[1:]), dtype=dtype, device=device)
-        return torch.zeros((), dtype=dtype, device=device).expand(batch, *shape[1:])
-    if isinstance(tpl, tuple) and len(tpl) == 2 and isinstance(tpl[0], type):
-        cls, fields = tpl
-        return cls(**{k: _placeholder(v, batch, tensor, real) for k, v in fields.items()})
+            return torch.zeros((batch, *tpl.shape[1:]), dtype=tpl.dtype, device=tpl.device)
+        return torch.zeros((), dtype=tpl.dtype, device=tpl.device).expand(batch, *tpl.shape[1:])
+    if isinstance(tpl, _OutputSpec):
+        return tpl.cls(**{k: _placeholder(v, batch, tensor, real) for k, v in tpl.fields.items()})
     first = [tensor] + [None] * (len(tpl) - 1)  # the cached tensor is the first output (hidden states)
     return type(tpl)(_placeholder(t, batch, x, real) for t, x in zip(tpl, first))
 
@@ -179,13 +194,12 @@ def _resize_hw(hw, old_latent, new_latent) -> tuple[int, int]:
 
 def _remap(tpl, old_latent, new_latent):
     """A :func:`_template` with every 4-D tensor's spatial size moved from ``old_latent`` to ``new_latent``."""
-    if isinstance(tpl, tuple) and len(tpl) == 3 and isinstance(tpl[1], torch.dtype):
-        shape, dtype, device = tpl
-        if len(shape) == 4:
-            shape = (*shape[:2], *_resize_hw(shape[2:], old_latent, new_latent))
-        return (shape, dtype, device)
-    if isinstance(tpl, tuple) and len(tpl) == 2 and isinstance(tpl[0], type):
-        return (tpl[0], {k: _remap(v, old_latent, new_latent) for k, v in tpl[1].items()})
+    if isinstance(tpl, _Spec):
+        if len(tpl.shape) != 4:
+            return tpl
+        return dataclasses.replace(tpl, shape=(*tpl.shape[:2], *_resize_hw(tpl.shape[2:], old_latent, new_latent)))
+    if isinstance(tpl, _OutputSpec):
+        return dataclasses.replace(tpl, fields={k: _remap(v, old_latent, new_latent) for k, v in tpl.fields.items()})
     return type(tpl)(_remap(t, old_latent, new_latent) for t in tpl)
 
 
