@@ -8,6 +8,9 @@ run's events, unless the user forces it.
 
 from __future__ import annotations
 
+import dataclasses
+
+from diffspeed.core.optimization import OptConfig, param
 from diffspeed.core.state import RunState
 
 FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # made for 1-8 steps, where caching fails
@@ -31,3 +34,15 @@ def caching_allowed(state: RunState, name: str, min_steps: int, force: bool) -> 
     if note not in state.events:
         state.events.append(note)
     return False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CachingConfig(OptConfig):
+    """The fields every caching optimization's config shares (see :func:`caching_allowed`)."""
+
+    min_steps: int = param(10, "runs with fewer steps, or with a few-step sampler (LCM, TCD), are left alone "
+                           "with a note: caching ruins them", range=(1, 1000))
+    force: bool = param(False, "cache even below min_steps or with a few-step sampler")
+
+    def caching_allowed(self, state: RunState, name: str) -> bool:
+        return caching_allowed(state, name, self.min_steps, self.force)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from diffspeed.adapters import adapter_for
-from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
-from diffspeed.core.guards import caching_allowed
+from diffspeed.core import Edits, Optimization, RunState, param, register
+from diffspeed.core.guards import CachingConfig
 from diffspeed.core.unet_units import Unit, consumer_index, down_units, grid_at, n_branches, up_units
 from diffspeed.errors import DiffspeedError
 
@@ -42,7 +42,7 @@ SCHEDULES = ("uniform", "non-uniform")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DeepCacheConfig(OptConfig):
+class DeepCacheConfig(CachingConfig):
     name = "deepcache"
     interval: int = param(3, "a full UNet pass every N denoiser calls (1 = never reuse; 3-5 are typical)",
                           range=(1, 100))
@@ -60,9 +60,6 @@ class DeepCacheConfig(OptConfig):
     max_timestep_jump: int | None = param(None, "also refresh when the timestep moved more than this (train "
                                           "timesteps) since the last full pass; reads t on the host",
                                           range=(1, 1000), kind=int)
-    min_steps: int = param(10, "runs with fewer denoiser calls, or with a few-step sampler (LCM, TCD), are "
-                           "left alone with a note: caching ruins them", range=(1, 1000))
-    force: bool = param(False, "cache even below min_steps or with a few-step sampler")
     hires_reuse: bool = param(False, "hires fix: the second pass starts from the first pass's last deep feature "
                               "(resized) instead of a full call (the web-UI extension's hires reuse)")
 
@@ -249,7 +246,6 @@ class DeepCache(Optimization):
     example = {"interval": 2, "min_steps": 1}
     conflicts = {"compile": "DeepCache switches the UNet's path every call; a compiled UNet would recompile or "
                             "break its graph on each switch"}
-    unsupported = {}
 
     def __init__(self, config=None, **fields):
         super().__init__(config, **fields)
@@ -304,9 +300,9 @@ class DeepCache(Optimization):
         total = self.state.total_steps
         cached = False
         if index == 0 and run.carry is not None and run.carry.feature.shape[0] in (batch, 2 * batch):
-            cached = caching_allowed(self.state, self.name, self.config.min_steps, self.config.force)
+            cached = self.config.caching_allowed(self.state, self.name)
         elif index >= 0 and total > 0 and run.feature is not None:
-            if caching_allowed(self.state, self.name, self.config.min_steps, self.config.force):
+            if self.config.caching_allowed(self.state, self.name):
                 if run.schedule is None:
                     run.schedule = full_calls(total, self.config)
                 jump = self.config.max_timestep_jump

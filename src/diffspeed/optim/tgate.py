@@ -18,21 +18,18 @@ import math
 
 import torch
 
-from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
-from diffspeed.core.guards import caching_allowed
+from diffspeed.core import Edits, Optimization, RunState, param, register
+from diffspeed.core.guards import CachingConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TgateConfig(OptConfig):
+class TgateConfig(CachingConfig):
     name = "tgate"
     gate_fraction: float = param(0.4, "fraction of the denoiser calls after which cross-attention is cached "
                                  "(the paper gates at step 10 of 25); 1.0 = never", range=(0.0, 1.0))
     gate_step: int | None = param(None, "denoiser call index of the gate (overrides gate_fraction)",
                                   range=(1, 10_000), kind=int)
     average: bool = param(False, "reuse the mean of the unconditional and conditional outputs, as the paper")
-    min_steps: int = param(10, "runs with fewer denoiser calls, or with a few-step sampler (LCM, TCD), are "
-                           "left alone with a note", range=(1, 1000))
-    force: bool = param(False, "cache even below min_steps or with a few-step sampler")
 
 
 @register
@@ -60,7 +57,7 @@ class Tgate(Optimization):
         def forward(inner, hidden_states, *args, **kwargs):
             state = self.state
             gated = (state.step >= 0 and state.total_steps > 0 and state.step >= self.gate(state.total_steps)
-                     and caching_allowed(state, self.name, self.config.min_steps, self.config.force))
+                     and self.config.caching_allowed(state, self.name))
             cached = self._cache.get(key)
             if not gated or cached is None:  # before the gate (or a gate at call 0): attend, keep the latest
                 out = inner(hidden_states, *args, **kwargs)
