@@ -102,6 +102,36 @@ def ema_update(ema: dict, model: torch.nn.Module, step: int, decay_max: float) -
                 ema[k].copy_(v)
 
 
+class Leg:
+    """One training leg's clock: its time budget, its step count and the training time added to ``state``
+    (time spent saving and evaluating is not training time)."""
+
+    def __init__(self, state: dict, args):
+        self.state, self.args = state, args
+        self.t0 = self.t_last = time.time()
+        self.steps = 0
+
+    def running(self) -> bool:
+        return self.state["step"] < self.args.max_steps and time.time() - self.t0 < self.args.minutes * 60
+
+    def step_done(self) -> None:
+        now = time.time()
+        self.state["step"] += 1
+        self.steps += 1
+        self.state["seconds"] += now - self.t_last
+        self.t_last = now
+
+    def rate(self) -> str:
+        return f"{(time.time() - self.t0) / self.steps:.2f} s/step this leg"
+
+    def due(self, every: int) -> bool:
+        return self.state["step"] % every == 0
+
+    def paused(self) -> None:
+        """After a save or evaluation: do not count it as training time."""
+        self.t_last = time.time()
+
+
 def warmup_lr(opt, lr: float, leg_steps: int, warmup: int = 100) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * min(1.0, (leg_steps + 1) / warmup)
@@ -149,11 +179,10 @@ def train_controlnet(args) -> None:
                           "threads": torch.get_num_threads(), "minutes_budget": args.minutes})
     log(f"controlnet {family}: {n_params(cn) / 1e6:.2f} M trainable params (UNet {n_params(pipe.unet) / 1e6:.2f} M "
         f"frozen); steps {state['step']}..{args.max_steps}, leg budget {args.minutes} min")
-    t_leg = t_last = time.time()
-    leg_steps = 0
-    while state["step"] < args.max_steps and time.time() - t_leg < args.minutes * 60:
+    leg = Leg(state, args)
+    while leg.running():
         step = state["step"]
-        warmup_lr(opt, args.lr, leg_steps)
+        warmup_lr(opt, args.lr, leg.steps)
         rng = np.random.default_rng([args.seed, 11, step])
         x, masks, scenes = training_batch_with_masks(rng, args.batch, held)
         caps = []
@@ -179,17 +208,12 @@ def train_controlnet(args) -> None:
         torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
         opt.step()
         ema_update(ema, cn, step, args.ema)
-        state["step"] += 1
-        leg_steps += 1
-        now = time.time()
-        state["seconds"] += now - t_last
-        t_last = now
-        if state["step"] % args.log_every == 0:
-            log(f"controlnet {family} step {state['step']} loss {loss.item():.4f} "
-                f"({(now - t_leg) / leg_steps:.2f} s/step this leg)")
-        if state["step"] % args.save_every == 0:
+        leg.step_done()
+        if leg.due(args.log_every):
+            log(f"controlnet {family} step {state['step']} loss {loss.item():.4f} ({leg.rate()})")
+        if leg.due(args.save_every):
             save_controlnet(pipe, cn, ema, out, state, family, args)
-            t_last = time.time()
+            leg.paused()
     save_controlnet(pipe, cn, ema, out, state, family, args)
 
 
@@ -365,11 +389,10 @@ def train_refiner(args) -> None:
                           "threads": torch.get_num_threads(), "minutes_budget": args.minutes})
     log(f"refiner: UNet {n_params(unet) / 1e6:.2f} M params; steps {state['step']}..{args.max_steps}, t < "
         f"{REFINER_T_MAX}, leg budget {args.minutes} min")
-    t_leg = t_last = time.time()
-    leg_steps = 0
-    while state["step"] < args.max_steps and time.time() - t_leg < args.minutes * 60:
+    leg = Leg(state, args)
+    while leg.running():
         step = state["step"]
-        warmup_lr(opt, args.lr, leg_steps)
+        warmup_lr(opt, args.lr, leg.steps)
         rng = np.random.default_rng([args.seed, 13, step])
         x, _, scenes = training_batch_with_masks(rng, args.batch, held)
         caps = ["" if rng.random() < 0.1 else s.caption() for s in scenes]
@@ -388,17 +411,12 @@ def train_refiner(args) -> None:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         ema_update(ema, unet, step, args.ema)
-        state["step"] += 1
-        leg_steps += 1
-        now = time.time()
-        state["seconds"] += now - t_last
-        t_last = now
-        if state["step"] % args.log_every == 0:
-            log(f"refiner step {state['step']} loss {loss.item():.4f} "
-                f"({(now - t_leg) / leg_steps:.2f} s/step this leg)")
-        if state["step"] % args.save_every == 0:
+        leg.step_done()
+        if leg.due(args.log_every):
+            log(f"refiner step {state['step']} loss {loss.item():.4f} ({leg.rate()})")
+        if leg.due(args.save_every):
             save_refiner(base, pipe, ema, out, state, args)
-            t_last = time.time()
+            leg.paused()
     save_refiner(base, pipe, ema, out, state, args)
 
 
