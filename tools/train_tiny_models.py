@@ -48,6 +48,7 @@ from diffspeed.tiny.data import SIZE, held_out_scenes, render, training_batch  #
 MODELS = ROOT / "src" / "diffspeed" / "models"
 TOKENIZER_SRC = ROOT / "src" / "diffspeed" / "configs" / "clip-tokenizer"
 NAMES = {"sd": "tiny-sd", "sdxl": "tiny-sdxl"}
+GUIDANCE_SWEEP = (3.0, 5.0, 7.5)
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 
@@ -485,6 +486,11 @@ def make_card(args) -> None:
     res = check(pipe, scenes, steps=25, seed=0)
     log(f"{family}: 60-prompt check background {res.background_accuracy:.1%} shape {res.shape_accuracy:.1%} "
         f"({time.time() - t0:.0f}s)")
+    sweep = {}
+    for cfg in GUIDANCE_SWEEP:  # small models trained from scratch often want less guidance than SD's 7.5
+        r = res if cfg == 7.5 else check(pipe, scenes, steps=25, seed=0, guidance_scale=cfg)
+        sweep[str(cfg)] = {"background": r.background_accuracy, "shape": r.shape_accuracy}
+        log(f"{family}: CFG {cfg}: background {r.background_accuracy:.1%} shape {r.shape_accuracy:.1%}")
     grid_scenes = scenes[:12]
     gens = [torch.Generator().manual_seed(i) for i in range(len(grid_scenes))]
     imgs = pipe([s.caption() for s in grid_scenes], num_inference_steps=25, guidance_scale=7.5,
@@ -499,7 +505,7 @@ def make_card(args) -> None:
     state = json.loads((d / "training.json").read_text())
     state["final_check"] = {"prompts": res.images, "background": res.background_accuracy,
                             "shape": res.shape_accuracy, "sampler": "PNDM (pipeline default)", "steps": 25,
-                            "cfg": 7.5}
+                            "cfg": 7.5, "guidance_sweep": sweep}
     (d / "training.json").write_text(json.dumps(state, indent=2))
     vae_info = json.loads((d / "vae_training.json").read_text())
     size_mb = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6
@@ -518,6 +524,8 @@ def card_text(family: str, state: dict, vae: dict, size_mb: float, scenes) -> st
     rows = "\n".join(f"| {e['step']} | {e['minutes']} | {e['background']:.0%} | {e['shape']:.0%} |"
                      for e in state["evals"])
     prompts = "\n".join(f"{i + 1}. {s.caption()}" for i, s in enumerate(scenes))
+    sweep_rows = "\n".join(f"| {k} | {v['background']:.0%} | {v['shape']:.0%} |"
+                           for k, v in fc.get("guidance_sweep", {}).items())
     text_desc = "random, frozen CLIPTextModel (token-embedding std 1)"
     if state.get("text_legs"):
         t = state["text_legs"][-1]
@@ -569,6 +577,12 @@ Held-out colour check during training (first prompts of the held-out set, 20 ste
 {fc['prompts']} held-out prompts, seeds 0..{fc['prompts'] - 1}, {fc['steps']} steps, CFG {fc['cfg']}: background colour right in
 **{fc['background']:.0%}** of images (chance ~11 %), stated shape colour at the stated position in
 **{fc['shape']:.0%}** (chance ~12 %). Rerun with `python tools/train_tiny_models.py card --family {family}`.
+
+The same check across guidance scales (same prompts, seeds and sampler):
+
+| CFG scale | background right | shape colour at position |
+| --- | --- | --- |
+{sweep_rows}
 
 ## Samples
 ![samples](samples.png)

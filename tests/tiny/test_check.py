@@ -28,17 +28,18 @@ def test_held_out_prompts_never_in_training_data():
     assert not held & set(caps)
 
 
-@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
-def test_models_follow_prompts(model, request):
-    """12 held-out prompts, floors well above chance (~11 % background, ~12 % shape) that the shipped weights
-    measurably exceed (tiny-sd 25 % / 75 %, tiny-sdxl 33 % / 92 % after the first training leg).
+@pytest.mark.parametrize("model, cfg", [("tiny_sd", 3.0), ("tiny_sdxl", 7.5)])
+def test_models_follow_prompts(model, cfg, request):
+    """12 held-out prompts at each model's best guidance scale, floors well above chance (~11 % background,
+    ~12 % shape) that the shipped weights exceed: measured tiny-sd 100 % / 58 % (CFG 3), tiny-sdxl 83 % / 75 %
+    (CFG 7.5) after the text-encoder stage and the fine-tune.
 
     The acceptance bar (>= 80 % background, >= 40 % shape on 60 prompts) is the card stage of
-    tools/train_tiny_models.py; the first leg does not reach it for backgrounds yet (see the model cards).
+    tools/train_tiny_models.py; its numbers per guidance scale are in the model cards.
     """
     pipe = request.getfixturevalue(model)
-    res = run_colour_check(pipe, held_out_scenes()[:12], steps=15, seed=0)
-    assert res.background_accuracy >= 0.2 and res.shape_accuracy >= 0.5, res
+    res = run_colour_check(pipe, held_out_scenes()[:12], steps=15, seed=0, guidance_scale=cfg)
+    assert res.background_accuracy >= 0.6 and res.shape_accuracy >= 0.45, res
 
 
 def test_mask_matches_the_image_jitter():
