@@ -92,8 +92,9 @@ def caching_suite(image_size: int) -> list[tuple[str, list[OptConfig] | Peer]]:
                   ("DeepCache package interval 3 branch 0", deepcache_package(3, 0)),
                   ("deepcache interval 5 branch 0", [dc(interval=5, branch=0)]),
                   ("deepcache interval 3 family default", [dc(interval=3)])]
-    for name, kw, peer in (("tome", {"ratio": 0.5}, tomesd_package(0.5)), ("hypertile", {}, None),
-                           ("tgate", {}, None)):
+    tile = max(16, image_size // 2)  # 2 x 2 tiles at the full latent resolution
+    for name, kw, peer in (("tome", {"ratio": 0.5}, tomesd_package(0.5)), ("hypertile", {"tile_size": tile}, None),
+                           ("tgate", {"gate_fraction": 0.4}, None)):
         if name in known:
             suite.append((f"{name} {' '.join(f'{k} {v}' for k, v in kw.items())}".strip(), [known[name].Config(**kw)]))
             if peer is not None:
