@@ -86,6 +86,30 @@ class Edits:
         handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
         self.record(f"hook on {type(module).__name__}", handle.remove)
 
+    def around(self, module: torch.nn.Module, before: Callable) -> None:
+        """Change ``module``'s first input before it runs and map its output back afterwards.
+
+        ``before(x, kwargs)`` gets the first input (positional or ``hidden_states=``) and returns None to
+        leave this call alone, or ``(new_x, after)``: ``new_x`` is passed on and ``after(output)`` gives the
+        output the caller sees. Calls are matched last-in first-out, so nested or repeated calls pair up.
+        """
+        pending: list = []
+
+        def pre(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            job = before(x, kwargs)
+            pending.append(None if job is None else job[1])
+            if job is None:
+                return None
+            return ((job[0], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": job[0]})
+
+        def post(mod, args, out):
+            after = pending.pop()
+            return None if after is None else after(out)
+
+        self.forward_pre_hook(module, pre, with_kwargs=True)
+        self.forward_hook(module, post)
+
     def set_attn_processors(self, model: torch.nn.Module, processors) -> None:
         """Swap a diffusers model's attention processors; undo puts the very same objects back."""
         old = dict(model.attn_processors)

@@ -89,7 +89,6 @@ class HyperTile(Optimization):
 
     def _reset(self) -> None:
         self._rng = random.Random(self.config.seed)
-        self._pending: dict[int, list] = {}
 
     def _see_latent(self, module, args):
         self._latent = tuple(args[0].shape[-2:])
@@ -98,41 +97,27 @@ class HyperTile(Optimization):
         return grid_at(self._latent, level)
 
     def _tile(self, edits: Edits, attn, grid, min_edge: int) -> None:
-        key = id(attn)
-
-        def pre(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+        def before(x, kwargs):
             four_d = x.dim() == 4  # the VAE's attention takes (B, C, H, W)
             h, w = (x.shape[2], x.shape[3]) if four_d else grid()
             tokens = x.flatten(2).transpose(1, 2) if four_d else x
             if kwargs.get("attention_mask") is not None or h * w != tokens.shape[1]:
-                self._pending.setdefault(key, []).append(None)
                 self.state.stats["hypertile_untiled_calls"] += 1
                 return None
             nh = self._rng.choice(tilings(h, min_edge, self.config.swap_size))
             nw = self._rng.choice(tilings(w, min_edge, self.config.swap_size))
             if nh * nw == 1:
-                self._pending.setdefault(key, []).append(None)
                 return None
-            self._pending.setdefault(key, []).append((h, w, nh, nw, four_d, x.shape))
             self.state.stats["hypertile_tiled_calls"] += 1
             self.state.stats["hypertile_tiles"] += nh * nw
             tiled = split(tokens, h, w, nh, nw)
             if four_d:  # back to (B', C, h', w') for the processor
                 tiled = tiled.transpose(1, 2).reshape(tiled.shape[0], -1, h // nh, w // nw)
-            args = (tiled, *args[1:]) if args else args
-            if not args:
-                kwargs = {**kwargs, "hidden_states": tiled}
-            return args, kwargs
 
-        def post(module, args, out):
-            job = self._pending[key].pop()
-            if job is None:
-                return None
-            h, w, nh, nw, four_d, shape = job
-            tokens = out.flatten(2).transpose(1, 2) if four_d else out
-            merged = merge(tokens, h, w, nh, nw)
-            return merged.transpose(1, 2).reshape(shape) if four_d else merged
+            def after(out):
+                merged = merge(out.flatten(2).transpose(1, 2) if four_d else out, h, w, nh, nw)
+                return merged.transpose(1, 2).reshape(x.shape) if four_d else merged
 
-        edits.forward_pre_hook(attn, pre, with_kwargs=True)
-        edits.forward_hook(attn, post)
+            return tiled, after
+
+        edits.around(attn, before)

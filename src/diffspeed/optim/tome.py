@@ -68,7 +68,6 @@ class Tome(Optimization):
 
     def _reset(self) -> None:
         self._gen: torch.Generator | None = None
-        self._pending: dict[int, list] = {}
 
     def _see_latent(self, module, args):
         self._latent = tuple(args[0].shape[-2:])
@@ -81,26 +80,14 @@ class Tome(Optimization):
         return self._gen
 
     def _hook(self, edits: Edits, module, level: int) -> None:
-        key = id(module)
-
-        def pre(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+        def before(x, kwargs):
             h, w = grid_at(self._latent, level)
             r = int(x.shape[1] * self.config.ratio)
             if r == 0 or x.dim() != 3 or h * w != x.shape[1] or kwargs.get("attention_mask") is not None:
-                self._pending.setdefault(key, []).append(None)
                 return None
             is_dst = partition(h, w, self.config.sx, self.config.sy, self._generator(x.device), x.device)
             merged, info = bipartite_merge(x, is_dst, r)
-            self._pending.setdefault(key, []).append(info)
             self.state.stats["tome_merged_tokens"] += x.shape[0] * (x.shape[1] - merged.shape[1])
-            if args:
-                return (merged, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": merged}
+            return merged, lambda out: unmerge(out, info)
 
-        def post(mod, args, out):
-            info = self._pending[key].pop()
-            return None if info is None else unmerge(out, info)
-
-        edits.forward_pre_hook(module, pre, with_kwargs=True)
-        edits.forward_hook(module, post)
+        edits.around(module, before)
