@@ -25,6 +25,17 @@ def test_mixed_dtypes_cross_component_boundaries(tiny_sdxl):
     assert np.abs(low - base).mean() < 0.05
 
 
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_half_text_encoder_with_an_untouched_vae(fixture, request):
+    """diffusers gives the latents the text encoder's dtype; the fp32 VAE must still decode them."""
+    pipe = request.getfixturevalue(fixture)
+    base = run(pipe, steps=4)
+    with Accelerated(pipe, [PrecisionConfig(text_encoder="bf16")]) as fast:
+        low = run(fast, steps=4)
+        assert pipe.vae.dtype == torch.float32
+    assert np.isfinite(low).all() and np.abs(low - base).mean() < 0.05
+
+
 def _plant_half_overflow(vae):
     """Make the VAE's decoder overflow only when it runs in half precision, like SD VAEs in fp16."""
     def hook(module, args, out):

@@ -64,7 +64,8 @@ class Precision(Optimization):
                 edits.retensor(module, lambda t, d=dtype: t.to(d) if t.is_floating_point() else t)
         if c.unet is not None:
             edits.wrap_method(pipe.unet, "forward", self._unet_forward)
-        if c.vae is not None:
+        if any(v is not None for v in (c.unet, c.text_encoder, c.vae)):
+            # latents take the text encoder's dtype in diffusers; the VAE, changed or not, gets its own
             edits.wrap_method(pipe.vae, "decode", self._vae_decode)
             edits.wrap_method(pipe.vae, "encode", self._vae_encode)
         if c.tf32 is not None:
