@@ -28,7 +28,7 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
     (["--init-image", "nowhere.png"], "init_image"), (["--mask", "nowhere.png"], "mask_image"),
     (["--denoising-strength", "2"], "denoising_strength"), (["--hires-scale", "9"], "hires_scale"),
     (["--hires-upscaler", "magic"], "hires_upscaler"), (["--lora", "missing.safetensors"], "lora"),
-    (["--lora", "x.safetensors:50"], "lora weight"),
+    (["--lora", "x.safetensors:50"], "lora weight"), (["--preset", "turbo"], "preset"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
     rc = main(["generate", PROMPT, "--out", str(tmp_path), *args])
@@ -74,3 +74,28 @@ def test_generate_img2img_inpaint_and_hires_from_the_command_line(tmp_path, caps
     assert a["Denoising strength"] == "0.5" and a["Size"] == "64x64"
     assert b["Mask blur"] == "4" and b["Denoising strength"] == "0.75"
     assert c["Size"] == "96x96" and c["Hires upscaler"] == "Lanczos" and c["Hires upscale"] == "1.5"
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--steps", "0"], "steps"), (["--runs", "0"], "runs"), (["--warmup", "99"], "warmup"),
+    (["--size", "100"], "width"), (["--preset", "turbo"], "preset"), (["--queue", "nowhere.json"], "queue"),
+    (["--prompts", "9"], "prompts"), (["--opt", "warp_drive"], "warp_drive"), (["--recipe", "none.toml"], "recipe"),
+    (["--sampler", "Fastest"], "sampler"),
+])
+def test_bench_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
+    rc = main(["bench", "--out", str(tmp_path / "b"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and field in err and "Traceback" not in err, err
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_generate_with_a_preset_and_list_presets(tmp_path, capsys):
+    assert main(["generate", PROMPT, "--seed", "3", "--steps", "6", "--preset", "fastest", "--out",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizations: precision, deepcache, cfg_cutoff" in out and "deepcache_cached_calls=" in out
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("quality", "balanced", "fastest", "low-vram-8gb", "low-vram-6gb", "low-vram-4gb"):
+        assert f"{name}: " in listing
+    assert listing.count("    cuda: ") == 6 and listing.count("    cpu: ") == 6

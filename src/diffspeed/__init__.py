@@ -17,3 +17,9 @@ from diffspeed.pipelines.cache import ModelCache  # noqa: E402
 from diffspeed.pipelines.convert import ConvertReport, convert_checkpoint  # noqa: E402
 
 __all__ += ["ConvertReport", "ModelCache", "convert_checkpoint"]
+
+# diffspeed.bench(...) runs a benchmark (the package is callable; its modules stay diffspeed.bench.<module>)
+from diffspeed import bench  # noqa: E402
+from diffspeed.presets import PRESETS, preset_recipe  # noqa: E402
+
+__all__ += ["PRESETS", "bench", "preset_recipe"]

@@ -61,6 +61,8 @@ def _add_generate(sub) -> None:
                    help="fraction of the steps after which the refiner takes over, 0.01..1")
     c.add_argument("--refiner-mode", default="ensemble", help="ensemble (hand over noisy latents) or img2img "
                    "(refine the finished image at strength 1 - switch-at)")
+    p.add_argument("--preset", default=None, help="a goal preset: quality, balanced, fastest, low-vram-8gb, "
+                   "low-vram-6gb, low-vram-4gb (its CUDA or CPU recipe, by --device); see diffspeed presets")
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
@@ -94,21 +96,28 @@ def parse_opt(spec: str) -> dict:
     return item
 
 
-def build_recipe(recipe_path: str | None, opts: list[str]):
+def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = None, device: str = "cpu"):
+    """The preset's recipe for ``device``, then the recipe file's optimizations, then the ``--opt`` ones."""
     from diffspeed.core import Recipe
 
     data = {"optimization": []}
+    if preset:
+        from diffspeed.presets import preset_recipe
+
+        data = preset_recipe(preset, device).to_dict()
     if recipe_path:
-        base = Recipe.load(recipe_path)
-        data = base.to_dict()
+        base = Recipe.load(recipe_path).to_dict()
+        data = base | {"optimization": data["optimization"] + base.get("optimization", [])}
     data["optimization"] = data.get("optimization", []) + [parse_opt(o) for o in opts]
-    return Recipe.from_dict(data, source=recipe_path or "--opt")
+    return Recipe.from_dict(data, source=" + ".join(filter(None, [preset and f"preset {preset}", recipe_path,
+                                                                   opts and "--opt"])) or "--opt")
 
 
 def cmd_generate(args) -> int:
     import diffspeed
+    from diffspeed.pipelines.load import resolve_device
 
-    recipe = build_recipe(args.recipe, args.opt)
+    recipe = build_recipe(args.recipe, args.opt, args.preset, str(resolve_device(args.device)))
     chosen = next((c for c in recipe.optimizations if c.name == "sampler"), None)
     request = diffspeed.GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
@@ -148,58 +157,86 @@ def cmd_generate(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time every optimization against a same-run baseline; write a report")
+    p = sub.add_parser("bench", help="speed, peak memory and fidelity of presets, recipes and peers against a "
+                       "same-run baseline, one process each; writes results.json, report.md and report.html")
     p.add_argument("--model", default="tiny-sd", help="shipped name, path, or random:sd15 / random:sdxl "
                    "(full-size architecture, random weights: speed and memory only)")
-    p.add_argument("--suite", default="classic", choices=["classic", "caching"],
-                   help="classic: the classic menu; caching: feature caching / token merging with their peers")
-    p.add_argument("--prompts", type=int, default=4, help="how many of the 4 built-in prompts to use (1..4)")
-    p.add_argument("--sampler", default=None, help="sampler of every entry, baseline included (default: the "
-                   "model's scheduler)")
-    p.add_argument("--recipe", default=None, help="bench this recipe file instead of a suite")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's)")
-    p.add_argument("--cfg-scale", type=float, default=7.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", action="append", default=[], help="run only suite entries containing this text")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="report path without suffix (default benchmarks/<model>)")
+    e = p.add_argument_group("what to compare (default: every preset and every installed peer)")
+    e.add_argument("--preset", action="append", default=[], help="a preset (quality, balanced, fastest, "
+                   "low-vram-8gb, low-vram-6gb, low-vram-4gb) or 'all' (repeatable)")
+    e.add_argument("--recipe", action="append", default=[], help="a recipe file, .toml or .json (repeatable)")
+    e.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="optimizations that together form one more entry (repeatable)")
+    e.add_argument("--suite", action="append", default=[], choices=["classic", "caching"],
+                   help="classic: one entry per classic optimization; caching: DeepCache/ToMe/HyperTile/T-GATE")
+    e.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the peers (DeepCache package, tomesd, diffusers enable_* and compile); default: "
+                   "on when nothing else is chosen")
+    e.add_argument("--only", action="append", default=[], help="keep only entries whose name contains this")
+    e.add_argument("--plugin", action="append", default=[], help="module or .py file registering more "
+                   "optimizations, imported by every entry's process")
+    q = p.add_argument_group("workload")
+    q.add_argument("--queue", default=None, help="tiny, seed001 (the SDXL guide's 4 prompts) or a JSON/TOML "
+                   "file of {prompt, seed}; default: tiny for the tiny models, seed001 otherwise")
+    q.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the queue")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's; 256 "
+                   "for random:)")
+    q.add_argument("--sampler", default="DPM++ 2M", help="sampler of every entry, baseline included (default: "
+                   "DPM++ 2M, as diffspeed generate; 'model' keeps the model's own scheduler)")
+    q.add_argument("--cfg-scale", type=float, default=7.0)
+    q.add_argument("--runs", type=int, default=5, help="timed passes over the queue (seed 001: 5)")
+    q.add_argument("--warmup", type=int, default=1, help="warm-up images before timing (compile happens here)")
+    q.add_argument("--device", default=None)
+    q.add_argument("--dtype", default=None, help="load dtype: fp32, fp16, bf16 (default: fp16 on GPU, fp32 CPU)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads per entry (default: torch's)")
+    q.add_argument("--timeout", type=float, default=1800.0, help="seconds one entry may take before it is "
+                   "recorded as failed")
+    p.add_argument("--out", default=None, help="report folder (default bench-results/<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args) -> int:
-    from diffspeed.bench.runner import PROMPTS, SUITES, run_bench, save_report, suite_from_recipe
-    from diffspeed.errors import check_range
-    from diffspeed.generate import native_size
-    from diffspeed.pipelines.load import load
+def bench_entries(args, device: str, size: int | None):
+    from diffspeed.bench.peers import default_peers
+    from diffspeed.bench.runner import SUITES, Entry, preset_entries, suite_from_recipe
 
-    check_range("steps", args.steps, 1, 1000)
-    check_range("repeats", args.repeats, 1, 100)
-    check_range("prompts", args.prompts, 1, len(PROMPTS))
-    if args.model.startswith("random:"):
-        from diffspeed.bench.models import random_pipeline
-
-        pipe = random_pipeline(args.model.split(":", 1)[1])
-        fidelity = False
-    else:
-        pipe = load(args.model, device=args.device)
-        fidelity = True
-    pipe.set_progress_bar_config(disable=True)
-    if args.sampler:
-        from diffspeed.pipelines.samplers import get_sampler
-
-        pipe.scheduler = get_sampler(args.sampler).build(pipe.scheduler.config)
-    size = args.size or native_size(pipe)[0]
-    check_range("size", size, 64, 2048)
-    suite = suite_from_recipe(args.recipe) if args.recipe else SUITES[args.suite](size)
+    chose = bool(args.preset or args.recipe or args.opt or args.suite)
+    presets = "all" if not chose or "all" in args.preset else args.preset
+    entries = preset_entries(presets, device) if (presets == "all" or presets) else []
+    for path in args.recipe:
+        entries += suite_from_recipe(path)
+    if args.opt:
+        recipe = build_recipe(None, args.opt)
+        entries.append(Entry.of_recipe(recipe, " + ".join(args.opt), "--opt"))
+    for suite in args.suite:
+        entries += SUITES[suite](size or 64)
+    if args.peers or (args.peers is None and not chose):
+        entries += [Entry.of_peer(p) for p in default_peers()]
     if args.only:
-        suite = [s for s in suite if any(o in s[0] for o in args.only)]
-    data = run_bench(pipe, args.model, suite, steps=args.steps, size=size, cfg=args.cfg_scale,
-                     repeats=args.repeats, fidelity=fidelity, n_prompts=args.prompts)
-    name = args.out or f"benchmarks/{args.model.replace(':', '-').replace('/', '_')}-{args.suite}"
-    md, js = save_report(data, name)
-    print(md.read_text())
-    print(f"wrote {md} and {js}")
+        entries = [e for e in entries if any(o in e.name for o in args.only)]
+    return entries
+
+
+def cmd_bench(args) -> int:
+    from diffspeed.bench.queue import default_queue, load_queue
+    from diffspeed.bench.runner import bench
+    from diffspeed.pipelines.load import resolve_device
+
+    device = str(resolve_device(args.device))
+    entries = bench_entries(args, device, args.size)
+    queue = load_queue(args.queue) if args.queue else default_queue(args.model)
+    out = args.out or f"bench-results/{args.model.replace(':', '-').replace('/', '_')}"
+    data = bench(args.model, entries=entries, queue=queue, prompts=args.prompts, steps=args.steps, size=args.size,
+                 sampler=None if args.sampler == "model" else args.sampler, cfg=args.cfg_scale, runs=args.runs,
+                 warmup=args.warmup, device=args.device,
+                 dtype=args.dtype, out=out, timeout=args.timeout, plugins=args.plugin, threads=args.threads,
+                 progress=not args.quiet)
+    from pathlib import Path
+
+    print((Path(out) / "report.md").read_text())
+    failed = [e["name"] for e in data["entries"] if e["status"] == "failed"]
+    print(f"wrote {out}/results.json, report.md, report.html" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 0
 
 
@@ -251,6 +288,21 @@ def cmd_optimizations(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from diffspeed.presets import PRESETS, load_preset
+
+    for name in PRESETS:
+        preset = load_preset(name)
+        print(f"{name}: {' '.join(preset.description.split())}")
+        for kind in ("cuda", "cpu"):
+            items = ", ".join(i["name"] + "(" + ", ".join(f"{k}={v}" for k, v in i.items() if k != "name") + ")"
+                              for i in preset.entries[kind])
+            print(f"    {kind}: {items or 'nothing'}")
+        if preset.chosen_on:
+            print("    chosen on: " + " ".join(preset.chosen_on.split()))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2, like ours
         self.exit(EXIT_USAGE, f"diffspeed: error: {message}\n")
@@ -265,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_convert(sub)
+    p = sub.add_parser("presets", help="list the goal presets: what each is for, its recipes and its numbers")
+    p.set_defaults(func=cmd_presets)
     p = sub.add_parser("optimizations", help="list every optimization with its fields, defaults and ranges")
     p.add_argument("--matrix", action="store_true", help="print the optimization x workflow compatibility matrix")
     p.set_defaults(func=cmd_optimizations)

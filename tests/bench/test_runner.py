@@ -1,21 +1,173 @@
-import json
+"""``diffspeed.bench``: one real bench on tiny-sd (every entry in its own process) checked for what the
+report promises -- a stable, complete schema; the same recipe twice is exact; a planted slower recipe is
+reported slower; a recipe that fails mid-run is recorded as failed while the rest go on."""
 
-from diffspeed.bench.runner import report_markdown, run_bench, save_report
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from diffspeed.bench.peers import tomesd_package
+from diffspeed.bench.runner import SCHEMA, Entry, bench, pareto_front
+from diffspeed.errors import DiffspeedError
 from diffspeed.optim.attention import AttentionConfig
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 
+PLUGIN = str(Path(__file__).with_name("plugin_planted.py"))
+THREADS = int(os.environ.get("DIFFSPEED_TEST_THREADS", "2"))
 
-def test_bench_reports_ratios_against_same_run_baseline(tiny_sd, tmp_path):
-    suite = [("cfg_cutoff 0.0", [CfgCutoffConfig(fraction=0.0)]),
-             ("xformers", [AttentionConfig(backend="xformers")])]
-    data = run_bench(tiny_sd, "tiny-sd", suite, steps=2, size=64, cfg=7.0, repeats=1)
-    base, cut, xf = data["results"]
-    assert base["name"] == "baseline" and base["stats"]["unconditional_evals"] == base["stats"]["denoiser_calls"]
-    assert cut["stats"].get("unconditional_evals", 0) == 0 and cut["psnr_db"] > 5
-    assert xf["skipped"] and "xformers" in xf["skipped"]
-    assert data["environment"]["torch"] and data["command"]
-    md, js = save_report(data, tmp_path / "bench")
-    text = md.read_text()
-    assert "| baseline |" in text and "1.00x" in text and "skipped:" in text
-    assert json.loads(js.read_text())["model"] == "tiny-sd"
-    assert report_markdown(data) == text
+TOP_KEYS = {"schema", "created", "command", "environment", "settings", "fidelity_note", "entries", "pareto", "files"}
+ENTRY_KEYS = {"name", "kind", "source", "what", "slug", "recipe", "peer", "settings", "status", "error", "phase",
+              "images", "seconds_per_image", "stats", "derived", "events", "ratios", "fidelity", "log"}
+OK_KEYS = {"load_s", "setup_s", "first_call_s", "timing", "memory", "width", "height"}
+TIMING_KEYS = {"mean_s", "median_s", "min_s", "max_s", "stdev_s", "it_per_s", "n"}
+FIDELITY_KEYS = {"psnr_db", "ssim", "ms_ssim", "ms_ssim_scales", "lpips", "notes", "per_image_psnr_db"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    entries = [Entry.of_recipe([], "baseline again"),
+               Entry("planted slow", "recipe", "test", {"optimization": [{"name": "test_sleep", "seconds": 0.25}]}),
+               Entry("planted failure", "recipe", "test", {"optimization": [{"name": "test_fail", "at_call": 6}]}),
+               Entry.of_recipe([CfgCutoffConfig(fraction=0.0)], "no guidance"),
+               Entry.of_recipe([AttentionConfig(backend="xformers")], "xformers"),
+               Entry.of_peer(tomesd_package(0.5))]
+    data = bench("tiny-sd", entries=entries, steps=3, runs=2, warmup=1, prompts=2, plugins=[PLUGIN],
+                 threads=THREADS, out=out, progress=False, command="pytest bench")
+    return data, out
+
+
+def by_name(data):
+    return {e["name"]: e for e in data["entries"]}
+
+
+def test_results_json_is_strict_complete_and_matches_the_return_value(run):
+    data, out = run
+    def refuse(token):
+        raise ValueError(f"non-strict JSON constant {token}")
+    disk = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert set(disk) == TOP_KEYS and disk["schema"] == SCHEMA == "diffspeed.bench/1"
+    assert [e["name"] for e in disk["entries"]] == ["baseline", "baseline again", "planted slow", "planted failure",
+                                                     "no guidance", "xformers", "tomesd ratio 0.5"]
+    for e in disk["entries"]:
+        assert ENTRY_KEYS <= set(e), e["name"]
+        if e["status"] == "ok":
+            assert OK_KEYS <= set(e) and set(e["timing"]) == TIMING_KEYS and set(e["fidelity"]) == FIDELITY_KEYS
+            assert e["timing"]["n"] == 2 * 2 and len(e["seconds_per_image"]) == 4
+            assert e["timing"]["min_s"] <= e["timing"]["median_s"] <= e["timing"]["max_s"]
+            assert e["memory"]["peak_mb"] > 100 and e["memory"]["device"] == "cpu"
+            assert {"speed", "memory"} == set(e["ratios"]) and len(e["images"]) == 2
+            assert all((out / p).is_file() for p in e["images"])
+    env, settings = disk["environment"], disk["settings"]
+    assert env["torch"] and env["diffusers"] and env["device"] == "cpu" and disk["command"] == "pytest bench"
+    assert settings["model"] == "tiny-sd" and settings["width"] == 64 and len(settings["queue"]) == 2
+    assert settings["isolation"] == "one process per entry"
+
+
+def test_same_recipe_twice_is_exact(run):
+    entries = by_name(run[0])
+    again = entries["baseline again"]["fidelity"]
+    assert again["psnr_db"] == math.inf and again["ssim"] == 1.0 and again["ms_ssim"] == 1.0
+    assert entries["baseline"]["ratios"]["speed"] == 1.0 and entries["baseline"]["fidelity"]["psnr_db"] == math.inf
+    no_cfg = entries["no guidance"]
+    assert no_cfg["status"] == "ok" and 5 < no_cfg["fidelity"]["psnr_db"] < 60 and no_cfg["fidelity"]["ssim"] < 1
+    assert no_cfg["derived"]["cfg_off_fraction"] == 1.0
+
+
+def test_planted_slower_recipe_is_reported_slower(run):
+    entries = by_name(run[0])
+    slow, base = entries["planted slow"], entries["baseline"]
+    # 0.25 s before each of >= 3 UNet calls per image: at least 0.75 s more than the baseline's image
+    assert slow["timing"]["min_s"] > base["timing"]["median_s"] + 0.6
+    assert slow["ratios"]["speed"] < 0.6 and slow["fidelity"]["psnr_db"] == math.inf
+    assert "planted slow" not in run[0]["pareto"]
+
+
+def test_failure_mid_run_is_recorded_and_the_bench_goes_on(run):
+    data, out = run
+    entries = by_name(data)
+    failed = entries["planted failure"]
+    assert failed["status"] == "failed" and failed["phase"] == "timed"
+    assert "RuntimeError: planted failure at UNet call 6" in failed["error"]
+    assert failed["fidelity"] is None and failed["ratios"] == {}
+    assert entries["no guidance"]["status"] == "ok" and entries["tomesd ratio 0.5"]["status"] == "ok"
+    skipped = entries["xformers"]
+    assert skipped["status"] == "skipped" and "xformers" in skipped["error"]
+    md = (out / "report.md").read_text()
+    assert "failed: RuntimeError: planted failure" in md and "skipped:" in md
+
+
+def test_reports_hold_the_table_grids_and_plots(run):
+    data, out = run
+    files = data["files"]
+    assert len(files["grids"]) == 2 and files["scatter"] and files["memory_plot"]
+    for rel in files["grids"] + [files["scatter"], files["memory_plot"], "report.md", "report.html"]:
+        assert (out / rel).is_file() and (out / rel).stat().st_size > 1000, rel
+    md = (out / "report.md").read_text()
+    for e in data["entries"]:
+        assert f"| {e['name']} |" in md or f"| **{e['name']}** |" in md
+    assert "machine: cpu" in md and "torch 2" in md and "command: pytest bench" in md
+    assert set(data["pareto"]) <= {e["name"] for e in data["entries"] if e["status"] == "ok"}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _browser_check(html: Path) -> str:
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    start = dom.find('data-check="')
+    return dom[start + 12:dom.find('"', start + 12)] if start >= 0 else "no verdict in the DOM"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here (apt-get install chromium)")
+def test_html_report_opens_in_a_headless_browser_without_errors(run, tmp_path):
+    _, out = run
+    assert _browser_check(out / "report.html") == "ok"
+    broken = tmp_path / "copy"  # the check can fail: the same page without its grids
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns("grids"))
+    verdict = _browser_check(broken / "report.html")
+    assert verdict.startswith("errors: image failed") and "grids/prompt-2.png" in verdict
+
+
+def test_a_worker_that_hangs_is_killed_and_recorded(tmp_path):
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ntime.sleep(60)\n")
+    data = bench("tiny-sd", entries=[], steps=1, runs=1, warmup=0, prompts=1, plugins=[str(hang)], timeout=4,
+                 out=tmp_path / "out", progress=False)
+    (base,) = data["entries"]
+    assert base["status"] == "failed" and "timed out after 4 s" in base["error"]
+    assert data["pareto"] == [] and "failed: timed out" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_pareto_front_keeps_only_undominated_entries():
+    def row(name, speed, psnr):
+        return {"name": name, "status": "ok", "ratios": {"speed": speed, "memory": 1.0},
+                "fidelity": {"psnr_db": psnr}}
+    rows = [row("baseline", 1.0, math.inf), row("a", 2.0, 30.0), row("b", 1.5, 25.0), row("c", 3.0, 20.0),
+            {"name": "d", "status": "failed", "ratios": {}, "fidelity": None}]
+    assert pareto_front(rows, fidelity=True) == ["baseline", "a", "c"]
+
+
+def test_bad_settings_name_the_field():
+    for kwargs, field in (({"steps": 0}, "steps"), ({"runs": 0}, "runs"), ({"size": 100}, "width"),
+                          ({"cfg": -1.0}, "cfg_scale"), ({"prompts": 9}, "prompts")):
+        with pytest.raises(DiffspeedError) as err:
+            bench("tiny-sd", entries=[], progress=False, **kwargs)
+        assert err.value.field == field, kwargs
+
+
+def test_bench_is_public_api():
+    import diffspeed
+    import diffspeed.bench.metrics as metrics  # the callable package still has its modules
+
+    assert callable(diffspeed.bench) and callable(metrics.fidelity) and "fastest" in diffspeed.PRESETS
+    assert [c.name for c in diffspeed.preset_recipe("fastest").optimizations] == ["precision", "deepcache",
+                                                                                  "cfg_cutoff"]
+    with pytest.raises(DiffspeedError):  # the call is bench() itself: its checks run
+        diffspeed.bench("tiny-sd", steps=0, progress=False)

@@ -1,8 +1,9 @@
 """Peers: other projects' implementations of the same tricks, benchmarked in the same run as diffspeed's.
 
 A peer is a name plus ``enable(pipe) -> disable``; it runs only when its package is installed (``pip install
-'diffspeed[peers]'``) and is reported as skipped otherwise. Their code is used as published, through their
-public entry points.
+'diffspeed[peers]'``) and, for the CUDA-only ones, on a CUDA device; otherwise it is reported as skipped. Their
+code is used as published, through their public entry points. ``PEERS`` maps each peer's key (what a bench
+entry names) to a factory taking the peer's settings, so a bench worker in another process can rebuild it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ class Peer:
     package: str  # the import name that must be installed
     enable: Callable  # enable(pipe) -> disable()
     settings: dict = field(default_factory=dict)
+    key: str = ""  # the PEERS key that rebuilds it
+    cuda_only: bool = False
 
-    def missing(self) -> str | None:
+    def missing(self, device: str = "cpu") -> str | None:
         if importlib.util.find_spec(self.package) is None:
             return f"peer package {self.package!r} is not installed (pip install 'diffspeed[peers]')"
+        if self.cuda_only and not str(device).startswith("cuda"):
+            return f"{self.name} needs a CUDA device"
         return None
 
 
@@ -37,7 +42,7 @@ def deepcache_package(interval: int = 3, branch: int = 0) -> Peer:
         return helper.disable
 
     return Peer(f"DeepCache package interval {interval} branch {branch}", "DeepCache", enable,
-                {"cache_interval": interval, "cache_branch_id": branch})
+                {"interval": interval, "branch": branch}, "deepcache_package")
 
 
 def tomesd_package(ratio: float = 0.5) -> Peer:
@@ -49,4 +54,73 @@ def tomesd_package(ratio: float = 0.5) -> Peer:
         tomesd.apply_patch(pipe, ratio=ratio)
         return lambda: tomesd.remove_patch(pipe)
 
-    return Peer(f"tomesd ratio {ratio}", "tomesd", enable, {"ratio": ratio})
+    return Peer(f"tomesd ratio {ratio}", "tomesd", enable, {"ratio": ratio}, "tomesd_package")
+
+
+_DIFFUSERS_UNDO = {  # each plain diffusers switch and the call that turns it off again
+    "enable_attention_slicing": "disable_attention_slicing",
+    "enable_vae_slicing": "disable_vae_slicing",
+    "enable_vae_tiling": "disable_vae_tiling",
+    "enable_freeu": "disable_freeu",
+    "enable_model_cpu_offload": None,  # diffusers has no undo; the bench worker's process ends with it
+    "enable_sequential_cpu_offload": None,
+}
+_CUDA_ONLY = {"enable_model_cpu_offload", "enable_sequential_cpu_offload"}
+
+
+def diffusers_switch(method: str, **kwargs) -> Peer:
+    """One of the pipeline's own ``enable_*`` calls (the diffusers "memory and speed" page, seed 003)."""
+    if method not in _DIFFUSERS_UNDO:
+        raise ValueError(f"diffusers_switch: {method!r} is not one of {', '.join(_DIFFUSERS_UNDO)}")
+
+    def enable(pipe):
+        call = dict(kwargs)
+        if method == "enable_freeu" and not call:  # the family's published values, as diffspeed's freeu uses
+            from diffspeed.adapters import adapter_for
+
+            call = dict(adapter_for(pipe).freeu)
+        getattr(pipe, method)(**call)
+        undo = _DIFFUSERS_UNDO[method]
+        return (lambda: getattr(pipe, undo)()) if undo else (lambda: None)
+
+    args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    return Peer(f"diffusers {method}({args})", "diffusers", enable, {"method": method, **kwargs},
+                "diffusers_switch", cuda_only=method in _CUDA_ONLY)
+
+
+def diffusers_compile(mode: str = "reduce-overhead", fullgraph: bool = True) -> Peer:
+    """The diffusers docs' recipe: ``pipe.unet = torch.compile(pipe.unet, mode=..., fullgraph=...)`` (CUDA)."""
+
+    def enable(pipe):
+        import torch
+
+        original = pipe.unet
+        pipe.unet = torch.compile(original, mode=mode, fullgraph=fullgraph)
+
+        def disable():
+            pipe.unet = original
+
+        return disable
+
+    return Peer(f"diffusers torch.compile(unet, mode={mode})", "torch", enable,
+                {"mode": mode, "fullgraph": fullgraph}, "diffusers_compile", cuda_only=True)
+
+
+PEERS: dict[str, Callable[..., Peer]] = {"deepcache_package": deepcache_package, "tomesd_package": tomesd_package,
+                                         "diffusers_switch": diffusers_switch, "diffusers_compile": diffusers_compile}
+
+
+def build_peer(key: str, settings: dict) -> Peer:
+    if key not in PEERS:
+        raise ValueError(f"unknown peer {key!r}; known: {', '.join(PEERS)}")
+    return PEERS[key](**settings)
+
+
+def default_peers() -> list[Peer]:
+    """What the bench compares with when nothing else is asked: each package at diffspeed's defaults, and the
+    diffusers switches that have a diffspeed counterpart (slicing, tiling, FreeU, offload, compile)."""
+    return [deepcache_package(3, 0), tomesd_package(0.5),
+            diffusers_switch("enable_attention_slicing"), diffusers_switch("enable_vae_slicing"),
+            diffusers_switch("enable_vae_tiling"),
+            diffusers_switch("enable_freeu"),
+            diffusers_switch("enable_model_cpu_offload"), diffusers_compile()]

@@ -1,18 +1,24 @@
-"""``diffspeed bench``: time each optimization against the baseline measured in the same run.
+"""``diffspeed bench`` / ``diffspeed.bench()``: seed 001's benchmark method as one command.
 
-Method (after seed 001's benchmark and nanoGPT's bench.py): fixed prompts and seeds, one warm-up call per
-candidate, then ``repeats`` timed calls with device synchronisation around each; report the median and the
-spread, peak memory (sampled RSS on the CPU, ``max_memory_allocated`` on CUDA), and fidelity to the baseline
-images (PSNR, and SSIM when scikit-image is installed). Every figure is a ratio to the baseline of this run,
-written next to the machine, the versions and the exact command.
+Method: a fixed queue of prompts with fixed seeds; for each entry (the baseline first, then presets, recipe
+files, ``--opt`` lists, suites and peers) a fresh process loads the model, applies the entry, warms up, and
+times every image of ``runs`` passes over the queue (device synchronised; CUDA events on a GPU), with setup
+and the first call (compile) timed apart, peak memory measured in that process only (peak RSS on the CPU,
+``max_memory_allocated`` / ``max_memory_reserved`` on CUDA) and the run statistics summed. The parent then
+compares each entry's images with the baseline's (PSNR, SSIM, MS-SSIM, LPIPS where available), turns every
+figure into a ratio to this run's baseline and writes ``results.json``, ``report.md`` and ``report.html`` with
+the image grids and the speed-vs-fidelity plot (see :mod:`diffspeed.bench.report`).
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import json
+import math
+import os
 import platform
-import statistics
+import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,35 +27,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffspeed.bench.peers import Peer, deepcache_package, tomesd_package
-from diffspeed.core import Accelerated, OptConfig, Recipe, RecipeError, all_optimizations
+from diffspeed.bench.peers import Peer, deepcache_package, default_peers, tomesd_package
+from diffspeed.bench.queue import QueueItem, default_queue
+from diffspeed.core import OptConfig, Recipe, all_optimizations
+from diffspeed.errors import DiffspeedError, check_range
 
-PROMPTS = (  # (prompt, seed): four subjects like seed 001's portrait / interior / macro / 3D set
-    ("a red circle at top left and a yellow star at center on a blue background", 877866765),
-    ("a white square at bottom right on a black to gray gradient background", 556782245),
-    ("a purple triangle at center on an orange background", 225789945),
-    ("a green star at top and a blue circle at bottom on a white background", 987867834),
-)
+SCHEMA = "diffspeed.bench/1"
+PROMPTS = tuple((q.prompt, q.seed) for q in default_queue("tiny-sd"))  # kept for tools that import it
 
 
-@dataclass
-class Measurement:
+@dataclass(frozen=True)
+class Entry:
+    """One thing to measure: a diffspeed recipe (``recipe``, as :meth:`Recipe.to_dict` writes it) or a peer."""
+
     name: str
-    recipe: list[dict]
-    seconds: list[float] = field(default_factory=list)  # per timed call (all prompts)
-    peak_mb: float | None = None
-    psnr_db: float | None = None
-    ssim: float | None = None
-    skipped: str | None = None
-    first_call_s: float | None = None  # warm-up call: includes compile time where there is one
-    stats: dict = field(default_factory=dict)
+    kind: str = "recipe"  # baseline | recipe | peer
+    source: str = ""  # where it came from: "preset fastest", "file x.toml", "--opt", "suite classic", "peer"
+    recipe: dict | None = None
+    peer: str | None = None
+    settings: dict = field(default_factory=dict)
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds) if self.seconds else float("nan")
+    @classmethod
+    def of_recipe(cls, recipe: Recipe | list[OptConfig], name: str = "", source: str = "") -> Entry:
+        recipe = recipe if isinstance(recipe, Recipe) else Recipe(tuple(recipe))
+        return cls(name or recipe.name or " + ".join(c.name for c in recipe.optimizations) or "empty recipe",
+                   "recipe", source, recipe.to_dict())
+
+    @classmethod
+    def of_peer(cls, peer: Peer) -> Entry:
+        return cls(peer.name, "peer", "peer", None, peer.key, dict(peer.settings))
+
+    def describe(self) -> str:
+        if self.kind == "peer":
+            return f"{self.peer}({', '.join(f'{k}={v}' for k, v in self.settings.items())})"
+        items = (self.recipe or {}).get("optimization", [])
+        return " + ".join(i["name"] + "(" + ", ".join(f"{k}={v}" for k, v in i.items() if k != "name") + ")"
+                          for i in items) or "nothing applied"
 
 
-def classic_suite(image_size: int) -> list[tuple[str, list[OptConfig]]]:
+BASELINE = Entry("baseline", "baseline", "the model as loaded", {"optimization": []})
+
+
+# ------------------------------------------------------------------------------------------------- suites
+def classic_suite(image_size: int) -> list[Entry]:
     """One entry per optimization of the classic menu, in a setting that shows its speed effect."""
     from diffspeed.optim.attention import AttentionConfig
     from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
@@ -61,199 +81,278 @@ def classic_suite(image_size: int) -> list[tuple[str, list[OptConfig]]]:
     from diffspeed.optim.vae_tiling import VaeTilingConfig
 
     half = "fp16" if torch.cuda.is_available() else "bf16"
-    suite = [
-        (f"precision {half}", [PrecisionConfig(unet=half, text_encoder=half, vae=half)]),
-        ("attention sliced", [AttentionConfig(backend="sliced")]),
-        ("attention math", [AttentionConfig(backend="math")]),
-        ("channels_last", [ChannelsLastConfig()]),
-        ("vae_slicing", [VaeSlicingConfig()]),
-        ("vae_tiling half-size tiles", [VaeTilingConfig(tile_size=max(32, image_size // 2 // 8 * 8))]),
-        ("cfg_cutoff 0.5", [CfgCutoffConfig(fraction=0.5)]),
-        ("freeu", [FreeUConfig()]),
-        ("sampler DPM++ 2M Karras", [SamplerConfig(sampler="DPM++ 2M Karras")]),
-    ]
     known = all_optimizations()
-    if "staged" in known:
-        suite.append(("staged", [known["staged"].Config()]))
-    if "offload" in known:
-        suite.append(("offload model", [known["offload"].Config(mode="model")]))
-    if "compile" in known:
-        suite.append(("compile", [known["compile"].Config()]))
-    return suite
+    suite = [(f"precision {half}", [PrecisionConfig(unet=half, text_encoder=half, vae=half)]),
+             ("attention sliced", [AttentionConfig(backend="sliced")]),
+             ("attention math", [AttentionConfig(backend="math")]),
+             ("channels_last", [ChannelsLastConfig()]),
+             ("vae_slicing", [VaeSlicingConfig()]),
+             ("vae_tiling half-size tiles", [VaeTilingConfig(tile_size=max(32, image_size // 2 // 8 * 8))]),
+             ("cfg_cutoff 0.5", [CfgCutoffConfig(fraction=0.5)]),
+             ("freeu", [FreeUConfig()]),
+             ("sampler DPM++ 2M Karras", [SamplerConfig(sampler="DPM++ 2M Karras")]),
+             ("staged", [known["staged"].Config()]),
+             ("offload model", [known["offload"].Config(mode="model")] if torch.cuda.is_available() else None),
+             ("compile", [known["compile"].Config()])]
+    out = [Entry.of_recipe(configs, name, "suite classic") for name, configs in suite if configs is not None]
+    if not torch.cuda.is_available():  # recorded as skipped with the optimization's own reason
+        out.append(Entry("offload model", "recipe", "suite classic",
+                         {"optimization": [{"name": "offload", "mode": "model"}]}))
+    return out
 
 
-def caching_suite(image_size: int) -> list[tuple[str, list[OptConfig] | Peer]]:
+def caching_suite(image_size: int) -> list[Entry]:
     """Feature caching and token reduction, with the peers' packages at the same settings."""
     known = all_optimizations()
-    suite: list = []
-    if "deepcache" in known:
-        dc = known["deepcache"].Config
-        suite += [("deepcache interval 3 branch 0", [dc(interval=3, branch=0)]),
-                  ("DeepCache package interval 3 branch 0", deepcache_package(3, 0)),
-                  ("deepcache interval 5 branch 0", [dc(interval=5, branch=0)]),
-                  ("deepcache interval 3 family default", [dc(interval=3)])]
-    tile = max(16, image_size // 2)  # 2 x 2 tiles at the full latent resolution
-    for name, kw, peer in (("tome", {"ratio": 0.5}, tomesd_package(0.5)), ("hypertile", {"tile_size": tile}, None),
-                           ("tgate", {"gate_fraction": 0.4}, None)):
-        if name in known:
-            suite.append((f"{name} {' '.join(f'{k} {v}' for k, v in kw.items())}".strip(), [known[name].Config(**kw)]))
-            if peer is not None:
-                suite.append((peer.name, peer))
-    return suite
+    dc, tile = known["deepcache"].Config, max(16, image_size // 2)  # 2 x 2 tiles at the full latent resolution
+    return [Entry.of_recipe([dc(interval=3, branch=0)], "deepcache interval 3 branch 0", "suite caching"),
+            Entry.of_peer(deepcache_package(3, 0)),
+            Entry.of_recipe([dc(interval=5, branch=0)], "deepcache interval 5 branch 0", "suite caching"),
+            Entry.of_recipe([dc(interval=3)], "deepcache interval 3 family default", "suite caching"),
+            Entry.of_recipe([known["tome"].Config(ratio=0.5)], "tome ratio 0.5", "suite caching"),
+            Entry.of_peer(tomesd_package(0.5)),
+            Entry.of_recipe([known["hypertile"].Config(tile_size=tile)], f"hypertile tile_size {tile}",
+                            "suite caching"),
+            Entry.of_recipe([known["tgate"].Config(gate_fraction=0.4)], "tgate gate_fraction 0.4", "suite caching")]
+
+
+def preset_entries(names, device: str) -> list[Entry]:
+    from diffspeed.presets import PRESETS, load_preset
+
+    out = []
+    for name in PRESETS if names == "all" else names:
+        preset = load_preset(name)
+        try:
+            out.append(Entry.of_recipe(preset.recipe(device), f"preset {name}", f"preset {name}"))
+        except DiffspeedError as err:  # a CUDA-only preset on a CPU: measured as skipped, with the reason
+            out.append(Entry(f"preset {name}", "recipe", f"preset {name}",
+                             {"optimization": preset.entries["cuda" if device.startswith("cuda") else "cpu"]},
+                             settings={"invalid": str(err)}))
+    return out
 
 
 SUITES = {"classic": classic_suite, "caching": caching_suite}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _generate(runner, pipe, steps: int, size: int, cfg: float, n_prompts: int = len(PROMPTS)) -> np.ndarray:
-    prompts = [p for p, _ in PROMPTS[:n_prompts]]
-    gens = [torch.Generator(pipe._execution_device).manual_seed(s) for _, s in PROMPTS[:n_prompts]]
-    out = runner(prompts, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
-                 generator=gens, output_type="np")
-    return np.asarray(out.images, dtype=np.float32)
-
-
-def _fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[float, float | None]:
-    mse = float(np.mean((images - reference) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-    try:
-        from skimage.metrics import structural_similarity
-    except ImportError:
-        return psnr, None
-    ssim = float(np.mean([structural_similarity(a, b, channel_axis=-1, data_range=1.0)
-                          for a, b in zip(images, reference)]))
-    return psnr, ssim
-
-
-class _PeerRunner:
-    """A peer's patch applied to the pipeline for the duration of a ``with`` block; calls go to the pipeline."""
-
-    def __init__(self, pipe, peer: Peer):
-        self.pipe, self.peer, self.stats = pipe, peer, {}
-        self._disable = peer.enable(pipe)
-
-    def __call__(self, *args, **kwargs):
-        return self.pipe(*args, **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._disable()
-
-
-def measure(pipe, name: str, configs: list[OptConfig] | Peer, *, steps: int, size: int, cfg: float, repeats: int,
-            reference: np.ndarray | None, n_prompts: int = len(PROMPTS)) -> Measurement:
-    """Warm up once, time ``repeats`` calls, sample peak memory, compare with ``reference``. ``configs`` is a
-    recipe (a list of configs) or a :class:`~diffspeed.bench.peers.Peer`."""
-    from diffspeed.bench.memory import peak_memory
-
-    is_peer = isinstance(configs, Peer)
-    m = Measurement(name, [{"peer": configs.package, **configs.settings}] if is_peer else
-                    [c.to_dict() for c in configs])
-    try:
-        if is_peer and configs.missing():
-            raise RecipeError([configs.missing()], name)
-        fast = _PeerRunner(pipe, configs) if is_peer else Accelerated(pipe, configs)
-    except RecipeError as err:
-        m.skipped = "; ".join(err.problems)
-        return m
-    gen = functools.partial(_generate, steps=steps, size=size, cfg=cfg, n_prompts=n_prompts)
-    with fast:
-        t0 = time.perf_counter()
-        gen(fast, pipe)
-        _sync()
-        m.first_call_s = time.perf_counter() - t0
-        images = None
-        for _ in range(repeats):
-            _sync()
-            t0 = time.perf_counter()
-            images = gen(fast, pipe)
-            _sync()
-            m.seconds.append(time.perf_counter() - t0)
-        m.stats = dict(fast.stats)
-        m.peak_mb = peak_memory(lambda: gen(fast, pipe))["peak_mb"]
-    if reference is not None:
-        m.psnr_db, m.ssim = _fidelity(images, reference)
-    return m
-
-
-def environment() -> dict:
+# ------------------------------------------------------------------------------------------------- running
+def environment(device: str = "cpu") -> dict:
     import diffusers
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__, "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "device": "cpu"}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "threads": torch.get_num_threads(), "device": "cpu"}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
+        env["gpu_memory_mb"] = torch.cuda.get_device_properties(torch.device(device)).total_memory / (1 << 20)
     return env
 
 
-def run_bench(pipe, model_name: str, suite, *, steps: int, size: int, cfg: float, repeats: int,
-              fidelity: bool = True, n_prompts: int = len(PROMPTS)) -> dict:
-    kw = dict(steps=steps, size=size, cfg=cfg, repeats=repeats, n_prompts=n_prompts)
-    base = measure(pipe, "baseline", [], reference=None, **kw)
-    reference = _generate(pipe, pipe, steps, size, cfg, n_prompts) if fidelity else None
-    rows = [base]
-    for name, configs in suite:
-        print(f"  {name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(pipe, name, configs, reference=reference, **kw))
-    return {"model": model_name, "steps": steps, "size": size, "cfg": cfg, "repeats": repeats,
-            "scheduler": type(pipe.scheduler).__name__, "prompts": [p for p, _ in PROMPTS[:n_prompts]],
-            "environment": environment(),
-            "command": " ".join(["diffspeed", *sys.argv[1:]]) if sys.argv and "diffspeed" in sys.argv[0]
-            else " ".join(sys.argv), "results": [asdict(r) | {"median_s": r.median} for r in rows]}
+def _slug(text: str, taken: set) -> str:
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "entry"
+    slug, n = base, 2
+    while slug in taken:
+        slug, n = f"{base}-{n}", n + 1
+    taken.add(slug)
+    return slug
 
 
-def report_markdown(data: dict) -> str:
-    rows = data["results"]
-    base = rows[0]["median_s"]
-    base_mem = rows[0]["peak_mb"]
-    env = data["environment"]
-    lines = [f"# diffspeed bench: {data['model']}", "",
-             f"- command: `{data['command']}`",
-             f"- {len(data['prompts'])} prompts x {data['steps']} steps, {data['size']}x{data['size']}, "
-             f"CFG {data['cfg']}, {data.get('scheduler', 'the model scheduler')}, {data['repeats']} timed repeats "
-             "after 1 warm-up",
-             f"- machine: {env['device']} ({env['cpu']}, {env['threads']} threads), {env['platform']}",
-             f"- versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
-             f"transformers {env['transformers']}", "",
-             "| optimization | median s | spread s | speed vs baseline | peak MB | memory vs baseline | "
-             "PSNR dB | SSIM | first call s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["skipped"]:
-            lines.append(f"| {r['name']} | skipped: {r['skipped']} | | | | | | | |")
+def _run_isolated(job: dict, folder: Path, timeout: float | None, tick) -> dict:
+    """Run the worker in a fresh interpreter; a crash, a kill or a timeout becomes a failed result."""
+    job_path, result_path, log_path = folder / "job.json", folder / "result.json", folder / "log.txt"
+    job_path.write_text(json.dumps(job, indent=2) + "\n")
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    src = str(Path(__file__).resolve().parents[2])  # so the worker imports this very diffspeed
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "diffspeed.bench.worker", str(job_path), str(result_path)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        timed_out = False
+        for line in proc.stdout:  # one JSON line per image
+            if line.startswith('{"progress"'):
+                tick()
+            if timeout and time.monotonic() - t0 > timeout:
+                proc.kill()
+                timed_out = True
+                break
+        try:
+            code = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)) if timeout else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code, timed_out = proc.wait(), True
+    if result_path.is_file() and not timed_out:
+        return json.loads(result_path.read_text())
+    tail = log_path.read_text()[-2000:]
+    why = f"timed out after {timeout:.0f} s" if timed_out else f"the worker process exited with status {code}"
+    return {"name": job["entry"]["name"], "status": "failed", "error": f"{why}; last log lines: {tail.strip()[-600:]}",
+            "phase": "process", "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+
+
+def _load_images(paths: list[str]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths])
+
+
+def _compare(rows: list[dict], fidelity: bool) -> None:
+    from diffspeed.bench.metrics import fidelity as measure_fidelity
+
+    base = rows[0]
+    ok = base["status"] == "ok"
+    reference = _load_images(base["images"]) if ok and fidelity else None
+    for row in rows:
+        row["ratios"], row["fidelity"] = {}, None
+        if row["status"] != "ok" or not ok:
             continue
-        spread = (max(r["seconds"]) - min(r["seconds"])) if r["seconds"] else float("nan")
-        speed = base / r["median_s"]
-        mem = (r["peak_mb"] / base_mem) if r["peak_mb"] and base_mem else float("nan")
-        psnr = "" if r["psnr_db"] is None else ("exact" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}")
-        ssim = "" if r["ssim"] is None else f"{r['ssim']:.3f}"
-        lines.append(f"| {r['name']} | {r['median_s']:.3f} | {spread:.3f} | {speed:.2f}x | {r['peak_mb']:.0f} | "
-                     f"{mem:.2f}x | {psnr} | {ssim} | {r['first_call_s']:.2f} |")
-    lines += ["", "Speed > 1 is faster than the baseline; memory < 1 is leaner. PSNR/SSIM compare with the "
-              "baseline's images (same prompts and seeds); random-weight models get no fidelity columns."]
-    return "\n".join(lines) + "\n"
+        row["ratios"]["speed"] = base["timing"]["median_s"] / row["timing"]["median_s"]
+        row["ratios"]["memory"] = row["memory"]["peak_mb"] / base["memory"]["peak_mb"]
+        if reference is not None and len(row["images"]) == len(reference):
+            images = _load_images(row["images"])
+            if images.shape == reference.shape:
+                row["fidelity"] = measure_fidelity(images, reference)
 
 
-def save_report(data: dict, out: str | Path) -> tuple[Path, Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md, js = out.with_suffix(".md"), out.with_suffix(".json")
-    md.write_text(report_markdown(data))
-    js.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return md, js
+def pareto_front(rows: list[dict], fidelity: bool) -> list[str]:
+    """Names of the entries no other entry beats on both axes: faster and closer to the baseline (or, without
+    fidelity, faster and leaner)."""
+    def point(r):
+        if fidelity:
+            return r["ratios"]["speed"], r["fidelity"]["psnr_db"]
+        return r["ratios"]["speed"], -r["ratios"]["memory"]
+
+    pts = [(r["name"], point(r)) for r in rows
+           if r["status"] == "ok" and r["ratios"] and (not fidelity or r["fidelity"])]
+    return [n for n, (x, y) in pts
+            if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for _, (x2, y2) in pts)]
 
 
-def suite_from_recipe(path: str) -> list[tuple[str, list[OptConfig]]]:
+def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets="all", peers: bool = True,
+          queue: tuple[QueueItem, ...] | None = None, prompts: int | None = None, steps: int = 20,
+          size: int | tuple[int, int] | None = None, sampler: str | None = "DPM++ 2M", cfg: float = 7.0, runs: int = 5,
+          warmup: int = 1, device: str | None = None, dtype: str | None = None, out: str | Path = "bench-results",
+          timeout: float | None = 1800.0, plugins: list[str] = (), threads: int | None = None,
+          progress: bool = True, command: str | None = None) -> dict:
+    """Benchmark ``entries`` (default: every preset and every peer) against the baseline; write the report.
+
+    Returns what ``results.json`` holds. Every entry runs in its own process (see :mod:`.worker`); one that
+    fails or is skipped is recorded with its reason and the rest go on.
+    """
+    from tqdm.auto import tqdm
+
+    from diffspeed.bench.report import write_reports
+    from diffspeed.pipelines.load import resolve_device
+
+    missing = [pip for mod, pip in (("skimage", "scikit-image"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise DiffspeedError(f"bench: needs {' and '.join(missing)} for its metrics and plots; install them with "
+                             "pip install 'diffspeed[bench]'", field="bench")
+    check_range("steps", steps, 1, 1000)
+    check_range("runs", runs, 1, 100)
+    check_range("warmup", warmup, 0, 20)
+    check_range("cfg_scale", cfg, 0.0, 50.0, kind=float)
+    if sampler is not None:
+        from diffspeed.pipelines.samplers import get_sampler
+
+        get_sampler(sampler)  # an unknown name fails here, naming the field, not in every worker
+    queue = tuple(queue or default_queue(model))
+    if prompts is not None:
+        check_range("prompts", prompts, 1, len(queue))
+        queue = queue[:prompts]
+    device = "cuda" if model.startswith("random:") and device is None and torch.cuda.is_available() else device
+    device = str(resolve_device(device))
+    width, height = _size(model, size)
+    random_weights = model.startswith("random:")
+    todo = [BASELINE] + list(entries if entries is not None else
+                             preset_entries(presets, device) + ([Entry.of_peer(p) for p in default_peers()]
+                                                                if peers else []))
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"model": model, "device": device, "dtype": dtype, "sampler": sampler, "steps": steps,
+              "width": width, "height": height, "cfg": cfg, "runs": runs, "warmup": warmup,
+              "queue": [asdict(q) for q in queue], "plugins": [str(p) for p in plugins], "threads": threads,
+              "save_images": not random_weights}  # noise images would only fill the disk
+    taken: set = set()
+    rows = []
+    bar = tqdm(total=len(todo) * (warmup + runs * len(queue)), unit="image", desc="bench", disable=not progress)
+    for entry in todo:
+        slug = _slug(entry.name, taken)
+        folder = out / "entries" / slug
+        folder.mkdir(parents=True, exist_ok=True)
+        bar.set_postfix_str(entry.name[:40])
+        done = [0]
+
+        def tick(done=done):
+            done[0] += 1
+            bar.update(1)
+
+        if entry.settings.get("invalid"):
+            row = {"name": entry.name, "status": "skipped", "error": entry.settings["invalid"], "phase": "setup",
+                   "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+        else:
+            job = common | {"entry": asdict(entry), "images_dir": str(folder / "images")}
+            row = _run_isolated(job, folder, timeout, tick)
+        bar.update(warmup + runs * len(queue) - done[0])
+        row |= {"kind": entry.kind, "source": entry.source, "what": entry.describe(), "slug": slug,
+                "recipe": entry.recipe, "peer": entry.peer, "settings": {k: v for k, v in entry.settings.items()
+                                                                         if k != "invalid"},
+                "log": str(folder / "log.txt") if (folder / "log.txt").is_file() else None}
+        rows.append(row)
+        if entry is BASELINE and row["status"] == "ok" and common["width"] is None:  # the model's native size
+            common |= {"width": row["width"], "height": row["height"]}
+    bar.close()
+    _compare(rows, not random_weights)
+    for row in rows:  # the report folder can move: paths inside it are relative
+        row["images"] = [os.path.relpath(p, out) for p in row.get("images", [])]
+    data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command or " ".join(["diffspeed", *sys.argv[1:]]),
+            "environment": environment(device),
+            "settings": {**{k: v for k, v in common.items() if k not in ("plugins",)}, "model_kind":
+                         "random weights" if random_weights else "trained",
+                         "isolation": "one process per entry", "timing": "CUDA events" if device.startswith("cuda")
+                         else "perf_counter", "memory": "max_memory_allocated / reserved" if device.startswith("cuda")
+                         else "peak RSS (VmHWM) of the entry's process after loading"},
+            "fidelity_note": ("random weights: the images are noise, so fidelity is not computed (it would be "
+                              "meaningless); only speed and memory count") if random_weights else None,
+            "entries": rows}
+    data["pareto"] = pareto_front(rows, not random_weights)
+    data["files"] = write_reports(data, out)
+    (out / "results.json").write_text(json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
+    return data
+
+
+def strict_json(value):
+    """``value`` with non-finite floats as the strings "inf" / "-inf" / "nan" (identical images have PSNR inf),
+    so results.json is strict JSON that every parser reads; ``float()`` turns them back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _size(model: str, size) -> tuple[int | None, int | None]:
+    """(width, height); (None, None) lets the baseline run at the model's native size and the rest follow."""
+    if size is None:
+        if not model.startswith("random:"):
+            return None, None
+        size = 256
+    w, h = (size, size) if isinstance(size, int) else size
+    for name, v in (("width", w), ("height", h)):
+        check_range(name, v, 64, 2048)
+        if v % 8:
+            raise DiffspeedError(f"{name}: {v} is not a multiple of 8 (the VAE downsamples by 8)", field=name)
+    return int(w), int(h)
+
+
+def suite_from_recipe(path: str) -> list[Entry]:
     recipe = Recipe.load(path)
-    return [(recipe.name or Path(path).stem, list(recipe.optimizations))]
+    return [Entry.of_recipe(recipe, recipe.name or Path(path).stem, f"file {path}")]

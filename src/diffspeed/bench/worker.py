@@ -1,0 +1,266 @@
+"""One bench entry, measured in a process of its own: ``python -m diffspeed.bench.worker JOB.json RESULT.json``.
+
+A fresh process per entry is what makes peak memory honest: weights, caches, compiled graphs and allocator
+pools of the previous entry cannot inflate this one's numbers (seed 001 restarted between its tests for the
+same reason). The worker loads the model, applies the entry (a diffspeed recipe or a peer), warms up, times
+every image of ``runs`` passes over the prompt queue, saves the last pass's images as PNG and writes a JSON
+result. Progress goes to stdout one JSON line per image, for the parent's progress bar; library chatter goes
+to stderr, which the parent keeps as the entry's log. An exception is a result too (``status: failed`` with
+the error and the phase), so the bench goes on with the next entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MB = 1 << 20
+
+
+def _emit(event: dict) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def import_plugins(plugins: list[str]) -> None:
+    """Modules that register extra optimizations: dotted names, or paths to ``.py`` files."""
+    for i, spec in enumerate(plugins):
+        if spec.endswith(".py"):
+            mod_spec = importlib.util.spec_from_file_location(f"diffspeed_bench_plugin_{i}", spec)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ImportError(f"plugin {spec!r} cannot be imported")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+
+
+def load_pipeline(job: dict):
+    if job["model"].startswith("random:"):
+        from diffspeed.bench.models import random_pipeline
+
+        pipe = random_pipeline(job["model"].split(":", 1)[1])
+        pipe.to(job.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        from diffspeed.pipelines.load import load
+
+        pipe = load(job["model"], device=job.get("device"), dtype=job.get("dtype"))
+    pipe.set_progress_bar_config(disable=True)
+    if job.get("sampler"):
+        from diffspeed.pipelines.samplers import get_sampler
+
+        pipe.scheduler = get_sampler(job["sampler"]).build(pipe.scheduler.config)
+    return pipe
+
+
+class _PeerRunner:
+    """A peer's patch on the pipeline until ``close``; calls go straight to the pipeline."""
+
+    def __init__(self, pipe, peer):
+        self.pipe, self.stats = pipe, {}
+        self._disable = peer.enable(pipe)
+
+    def __call__(self, *args, **kwargs):
+        return self.pipe(*args, **kwargs)
+
+    def close(self) -> None:
+        self._disable()
+
+
+class _RecipeRunner:
+    def __init__(self, pipe, recipe_dict: dict):
+        from diffspeed.core import Accelerated, Recipe
+
+        self.fast = Accelerated(pipe, Recipe.from_dict(recipe_dict, source="bench entry"))
+
+    @property
+    def stats(self) -> dict:
+        return self.fast.stats
+
+    def __call__(self, *args, **kwargs):
+        return self.fast(*args, **kwargs)
+
+    def close(self) -> None:
+        self.fast.remove()
+
+
+class Skip(Exception):
+    """The entry cannot run here (a requirement is unmet); reported as skipped, not failed."""
+
+
+def build_runner(pipe, entry: dict, device: str):
+    from diffspeed.core import RecipeError
+
+    if entry.get("peer"):
+        from diffspeed.bench.peers import build_peer
+
+        peer = build_peer(entry["peer"], entry.get("settings", {}))
+        why = peer.missing(device)
+        if why:
+            raise Skip(why)
+        return _PeerRunner(pipe, peer)
+    try:
+        return _RecipeRunner(pipe, entry.get("recipe") or {"optimization": []})
+    except RecipeError as err:
+        raise Skip("; ".join(err.problems)) from None
+
+
+def derived_stats(stats: dict, images: int) -> dict:
+    """The run statistics people ask about, as rates: cache hits, skipped work, fallbacks."""
+    out = {}
+    full, cached = stats.get("deepcache_full_calls", 0), stats.get("deepcache_cached_calls", 0)
+    if full + cached:
+        out["cache_hit_rate"] = cached / (full + cached)
+    if stats.get("deepcache_total_macs"):
+        out["skipped_macs_fraction"] = stats.get("deepcache_skipped_macs", 0) / stats["deepcache_total_macs"]
+    if stats.get("denoiser_calls"):
+        out["cfg_off_fraction"] = stats.get("cfg_skipped_calls", 0) / stats["denoiser_calls"]
+        out["denoiser_calls_per_image"] = stats["denoiser_calls"] / max(images, 1)
+    out["nan_fallbacks"] = stats.get("vae_fp32_redecodes", 0)
+    return out
+
+
+class _Clock:
+    """Seconds of one call: CUDA events on a GPU (what the device spent), perf_counter around a sync on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def time(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return out, start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).save(path)
+
+
+def run_job(job: dict, emit=_emit) -> dict:
+    """Measure one entry; never raises for the entry's own failures (they are the result)."""
+    from diffspeed.bench.memory import MemoryMonitor
+
+    result = {"name": job["entry"]["name"], "status": "ok", "error": None, "phase": None, "images": [],
+              "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    phase = "load"
+    runner = None
+    try:
+        import_plugins(job.get("plugins", []))
+        t0 = time.perf_counter()
+        pipe = load_pipeline(job)
+        result["load_s"] = time.perf_counter() - t0
+        device = str(pipe._execution_device)
+        cuda = device.startswith("cuda")
+        clock = _Clock(cuda)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with MemoryMonitor() as mon:
+            phase = "setup"
+            t0 = time.perf_counter()
+            runner = build_runner(pipe, job["entry"], device)
+            result["setup_s"] = time.perf_counter() - t0
+            mon.mark("setup")
+            queue, images = job["queue"], {}
+
+            def call(item):
+                # a list of one prompt is the same image as the plain string, and lets staged stage it
+                gen = [torch.Generator("cpu").manual_seed(item["seed"])]  # CPU noise: same on every device
+                negative = [item["negative_prompt"]] if item.get("negative_prompt") else None
+                return runner([item["prompt"]], negative_prompt=negative, num_inference_steps=job["steps"],
+                              guidance_scale=job["cfg"], width=job["width"], height=job["height"], generator=gen,
+                              output_type="np").images[0]
+
+            phase = "warm-up"
+            for i in range(job["warmup"]):
+                _, seconds = clock.time(lambda i=i: call(queue[i % len(queue)]))
+                result.setdefault("first_call_s", seconds)
+                emit({"progress": "warm-up"})
+            mon.mark("warm-up")
+            phase = "timed"
+            totals: dict = {}
+            for run in range(job["runs"]):
+                last = run == job["runs"] - 1
+                for i, item in enumerate(queue):
+                    image, seconds = clock.time(lambda item=item: call(item))
+                    result["seconds_per_image"].append(seconds)
+                    if last:
+                        images[i] = image
+                        for k, v in runner.stats.items():
+                            totals[k] = totals.get(k, 0) + v
+                    emit({"progress": "image"})
+            mon.mark("timed")
+        result["stats"] = totals
+        result["derived"] = derived_stats(totals, len(queue))
+        result["events"] = list(getattr(getattr(runner, "fast", None), "events", []))
+        folder = Path(job["images_dir"])
+        for i, image in sorted(images.items()) if job.get("save_images", True) else ():
+            _save_png(np.asarray(image, dtype=np.float32), folder / f"{i}.png")
+            result["images"].append(str(folder / f"{i}.png"))
+        result["width"], result["height"] = int(images[0].shape[1]), int(images[0].shape[0])
+        memory = {"device": device, "method": mon.method, "rss_before_mb": mon.before / MB,
+                  "rss_peak_mb": mon.peak / MB, "rss_phases_mb": {k: v / MB for k, v in mon.phases.items()}}
+        if cuda:
+            memory |= {"method": "max_memory_allocated",
+                       "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / MB,
+                       "cuda_max_reserved_mb": torch.cuda.max_memory_reserved() / MB}
+        memory["peak_mb"] = memory.get("cuda_max_allocated_mb", memory["rss_peak_mb"])
+        result["memory"] = memory
+    except Skip as why:
+        result.update(status="skipped", error=str(why), phase=phase)
+    except Exception as err:  # noqa: BLE001 -- the entry's failure is its result; the bench goes on
+        result.update(status="failed", error=f"{type(err).__name__}: {err}", phase=phase,
+                      traceback=traceback.format_exc(limit=8))
+    finally:
+        if runner is not None:
+            try:
+                runner.close()
+            except Exception as err:  # noqa: BLE001
+                result["events"].append(f"removing the entry failed: {type(err).__name__}: {err}")
+    _summarise(result, job["steps"])
+    return result
+
+
+def _summarise(result: dict, steps: int) -> None:
+    s = result["seconds_per_image"]
+    if s:
+        result["timing"] = {"mean_s": statistics.fmean(s), "median_s": statistics.median(s), "min_s": min(s),
+                            "max_s": max(s), "stdev_s": statistics.stdev(s) if len(s) > 1 else 0.0,
+                            "it_per_s": steps / statistics.median(s), "n": len(s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_path, result_path = Path(argv[0]), Path(argv[1])
+    from diffspeed.pipelines.load import quiet_loading
+
+    job = json.loads(job_path.read_text())
+    with quiet_loading():
+        result = run_job(job)
+    result_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
