@@ -36,6 +36,20 @@ def test_half_text_encoder_with_an_untouched_vae(fixture, request):
     assert np.isfinite(low).all() and np.abs(low - base).mean() < 0.05
 
 
+def test_originals_on_disk_restore_exactly_and_leave_no_file(tiny_sd, tmp_path):
+    before = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    config = PrecisionConfig(unet="bf16", vae="bf16", originals="disk", spill_dir=str(tmp_path))
+    with Accelerated(tiny_sd, [config]) as fast:
+        files = list(tmp_path.glob("diffspeed-originals-*.pt"))
+        assert len(files) == 2 and tiny_sd.unet.dtype == torch.bfloat16
+        assert np.isfinite(run(fast, steps=3)).all()
+    after = tiny_sd.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].stride() == after[k].stride() for k in before)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(Exception, match="spill_dir"):
+        Accelerated(tiny_sd, [PrecisionConfig(unet="bf16", originals="disk", spill_dir=str(tmp_path / "no"))])
+
+
 def _plant_half_overflow(vae):
     """Make the VAE's decoder overflow only when it runs in half precision, like SD VAEs in fp16."""
     def hook(module, args, out):

@@ -7,7 +7,10 @@ attention processor objects, same attributes (absent ones deleted again), same `
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,23 +119,36 @@ class Edits:
         model.set_attn_processor(processors)
         self.record(f"attention processors of {type(model).__name__}", lambda: model.set_attn_processor(old))
 
-    def retensor(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``fn`` to every parameter and buffer, keeping the original tensors (moved to host memory)
-        so undo restores them exactly: a dtype round trip fp32 -> fp16 -> fp32 would not."""
+    def retensor(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *,
+                 spill_dir: str | Path | None = None) -> None:
+        """Apply ``fn`` to every parameter and buffer, keeping the original tensors so undo restores them
+        exactly (a dtype round trip fp32 -> fp16 -> fp32 would not): in host memory, or with ``spill_dir`` in
+        a file there (``torch.save`` round-trips bits and strides), which gives their memory back meanwhile."""
         saved = []
         for t in [*module.parameters(), *module.buffers()]:
             new = fn(t.data)
             if new is t.data:
                 continue
             device = t.data.device
-            saved.append((t, t.data.to("cpu"), device))  # on the CPU: the original tensor itself
+            saved.append([t, t.data.to("cpu"), device])  # on the CPU: the original tensor itself
             t.data = new
+        spill = None
+        if spill_dir is not None and saved:
+            fd, spill = tempfile.mkstemp(prefix="diffspeed-originals-", suffix=".pt", dir=spill_dir)
+            os.close(fd)
+            torch.save([entry[1] for entry in saved], spill)
+            for entry in saved:
+                entry[1] = None  # the file holds them now
 
         def undo():
-            for t, original, device in reversed(saved):
+            originals = [entry[1] for entry in saved]
+            if spill is not None:
+                originals = torch.load(spill, weights_only=True)
+                os.unlink(spill)
+            for (t, _, device), original in zip(reversed(saved), reversed(originals)):
                 t.data = original.to(device)
 
-        self.record(f"tensors of {type(module).__name__}", undo)
+        self.record(f"tensors of {type(module).__name__}" + (f" (originals in {spill})" if spill else ""), undo)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -7,13 +7,16 @@
 - ``nan_guard``: SD VAEs overflow in fp16 and return black/NaN images (the web UI's NaN check, the SDXL
   "fp16 fix" VAE). After each half-precision decode the output is checked; images with NaN/inf are decoded
   again in fp32 and ``stats["vae_fp32_redecodes"]`` counts them.
-The original weights are kept (in host memory) so remove() restores them bit for bit: casting fp16 back to
-fp32 would not.
+The original weights are kept so remove() restores them bit for bit (casting fp16 back to fp32 would not):
+in host memory by default, or with ``originals="disk"`` in a temporary file, so that on a CPU the bf16 weights
+really take half the RAM while the recipe is applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 import torch
 
@@ -33,6 +36,11 @@ class PrecisionConfig(OptConfig):
     tf32: bool | None = param(None, "allow TF32 matmuls/convolutions on CUDA; None leaves the flags alone",
                               kind=bool)
     nan_guard: bool = param(True, "re-decode in fp32 any image a half-precision VAE returns with NaN/inf")
+    originals: str = param("memory", "where the original weights wait for remove(): memory (host RAM, quick to "
+                           "restore) or disk (a temporary file, so casting fp32 to bf16 really halves the RAM)",
+                           choices=("memory", "disk"), kind=str)
+    spill_dir: str | None = param(None, "originals=disk: folder of the temporary file (None: the system temp "
+                                  "folder; put it on a disk, not a tmpfs)", kind=str)
 
 
 def _cast(x, dtype):
@@ -54,6 +62,12 @@ class Precision(Optimization):
     noop = {}
     example = {"unet": "bf16", "text_encoder": "bf16", "vae": "bf16"}
 
+    @classmethod
+    def requirements(cls, config, pipe=None) -> list[str]:
+        if config.spill_dir is not None and not os.path.isdir(config.spill_dir):
+            return [f"precision.spill_dir {config.spill_dir!r} is not a folder"]
+        return []
+
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         c = self.config
         parts = {"unet": c.unet, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder, "vae": c.vae}
@@ -61,11 +75,12 @@ class Precision(Optimization):
             module = getattr(pipe, part, None)
             if module is not None and name is not None:
                 dtype = DTYPES[name]
-                edits.retensor(module, lambda t, d=dtype: t.to(d) if t.is_floating_point() else t)
-        if c.unet is not None:
-            edits.wrap_method(pipe.unet, "forward", self._unet_forward)
+                edits.retensor(module, lambda t, d=dtype: t.to(d) if t.is_floating_point() else t,
+                               spill_dir=(c.spill_dir or tempfile.gettempdir()) if c.originals == "disk" else None)
         if any(v is not None for v in (c.unet, c.text_encoder, c.vae)):
-            # latents take the text encoder's dtype in diffusers; the VAE, changed or not, gets its own
+            # latents and embeddings take the text encoder's dtype in diffusers: the UNet and the VAE, changed
+            # or not, get theirs
+            edits.wrap_method(pipe.unet, "forward", self._unet_forward)
             edits.wrap_method(pipe.vae, "decode", self._vae_decode)
             edits.wrap_method(pipe.vae, "encode", self._vae_encode)
         if c.tf32 is not None:
