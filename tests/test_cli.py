@@ -90,7 +90,7 @@ def test_bench_bad_input_is_one_line_exit_2(tmp_path, capsys, args, field):
 
 
 def test_generate_with_a_preset_and_list_presets(tmp_path, capsys):
-    assert main(["generate", PROMPT, "--seed", "3", "--steps", "6", "--preset", "fastest", "--out",
+    assert main(["generate", PROMPT, "--seed", "3", "--steps", "12", "--preset", "fastest", "--out",
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "optimizations: precision, deepcache, cfg_cutoff" in out and "deepcache_cached_calls=" in out

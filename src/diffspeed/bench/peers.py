@@ -57,21 +57,24 @@ def tomesd_package(ratio: float = 0.5) -> Peer:
     return Peer(f"tomesd ratio {ratio}", "tomesd", enable, {"ratio": ratio}, "tomesd_package")
 
 
-_DIFFUSERS_UNDO = {  # each plain diffusers switch and the call that turns it off again
-    "enable_attention_slicing": "disable_attention_slicing",
-    "enable_vae_slicing": "disable_vae_slicing",
-    "enable_vae_tiling": "disable_vae_tiling",
-    "enable_freeu": "disable_freeu",
-    "enable_model_cpu_offload": None,  # diffusers has no undo; the bench worker's process ends with it
-    "enable_sequential_cpu_offload": None,
+# each plain diffusers switch: (on the pipeline or its VAE, the call, the call that turns it off; None: no undo,
+# the bench worker's process ends with it). diffusers 0.42 keeps VAE slicing/tiling on the VAE itself.
+_DIFFUSERS = {
+    "enable_attention_slicing": ("pipe", "enable_attention_slicing", "disable_attention_slicing"),
+    "enable_vae_slicing": ("vae", "enable_slicing", "disable_slicing"),
+    "enable_vae_tiling": ("vae", "enable_tiling", "disable_tiling"),
+    "enable_freeu": ("pipe", "enable_freeu", "disable_freeu"),
+    "enable_model_cpu_offload": ("pipe", "enable_model_cpu_offload", None),
+    "enable_sequential_cpu_offload": ("pipe", "enable_sequential_cpu_offload", None),
 }
 _CUDA_ONLY = {"enable_model_cpu_offload", "enable_sequential_cpu_offload"}
 
 
 def diffusers_switch(method: str, **kwargs) -> Peer:
-    """One of the pipeline's own ``enable_*`` calls (the diffusers "memory and speed" page, seed 003)."""
-    if method not in _DIFFUSERS_UNDO:
-        raise ValueError(f"diffusers_switch: {method!r} is not one of {', '.join(_DIFFUSERS_UNDO)}")
+    """One of diffusers' own ``enable_*`` calls (the diffusers "memory and speed" page, seed 003)."""
+    if method not in _DIFFUSERS:
+        raise ValueError(f"diffusers_switch: {method!r} is not one of {', '.join(_DIFFUSERS)}")
+    where, on, off = _DIFFUSERS[method]
 
     def enable(pipe):
         call = dict(kwargs)
@@ -79,12 +82,13 @@ def diffusers_switch(method: str, **kwargs) -> Peer:
             from diffspeed.adapters import adapter_for
 
             call = dict(adapter_for(pipe).freeu)
-        getattr(pipe, method)(**call)
-        undo = _DIFFUSERS_UNDO[method]
-        return (lambda: getattr(pipe, undo)()) if undo else (lambda: None)
+        target = pipe.vae if where == "vae" else pipe
+        getattr(target, on)(**call)
+        return (lambda: getattr(target, off)()) if off else (lambda: None)
 
-    args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    return Peer(f"diffusers {method}({args})", "diffusers", enable, {"method": method, **kwargs},
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    label = f"pipe.vae.{on}({args})" if where == "vae" else f"pipe.{on}({args})"
+    return Peer(f"diffusers {label}", "diffusers", enable, {"method": method, **kwargs},
                 "diffusers_switch", cuda_only=method in _CUDA_ONLY)
 
 
@@ -120,7 +124,8 @@ def default_peers() -> list[Peer]:
     """What the bench compares with when nothing else is asked: each package at diffspeed's defaults, and the
     diffusers switches that have a diffspeed counterpart (slicing, tiling, FreeU, offload, compile)."""
     return [deepcache_package(3, 0), tomesd_package(0.5),
-            diffusers_switch("enable_attention_slicing"), diffusers_switch("enable_vae_slicing"),
+            # "max": one head at a time; the default "auto" divides by zero on models with one-head levels
+            diffusers_switch("enable_attention_slicing", slice_size="max"), diffusers_switch("enable_vae_slicing"),
             diffusers_switch("enable_vae_tiling"),
             diffusers_switch("enable_freeu"),
             diffusers_switch("enable_model_cpu_offload"), diffusers_compile()]

@@ -192,6 +192,21 @@ def _run_isolated(job: dict, folder: Path, timeout: float | None, tick) -> dict:
             "phase": "process", "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
 
 
+def _cannot_run(entry: Entry, device: str) -> str | None:
+    """Why ``entry`` cannot run on ``device``, where that is clear without the model (a peer's package or
+    device, a recipe's unknown names, bad values or hardware needs); None otherwise."""
+    from diffspeed.bench.peers import build_peer
+    from diffspeed.core import RecipeError
+
+    if entry.kind == "peer":
+        return build_peer(entry.peer, entry.settings).missing(device)
+    try:
+        Recipe.from_dict(entry.recipe or {}, source="bench entry")
+    except RecipeError as err:
+        return "; ".join(err.problems)
+    return None
+
+
 def _load_images(paths: list[str]) -> np.ndarray:
     from PIL import Image
 
@@ -290,8 +305,9 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
             done[0] += 1
             bar.update(1)
 
-        if entry.settings.get("invalid"):
-            row = {"name": entry.name, "status": "skipped", "error": entry.settings["invalid"], "phase": "setup",
+        why = entry.settings.get("invalid") or _cannot_run(entry, device)
+        if why:  # known before loading anything: no process is started for it
+            row = {"name": entry.name, "status": "skipped", "error": why, "phase": "setup",
                    "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
         else:
             job = common | {"entry": asdict(entry), "images_dir": str(folder / "images")}
