@@ -20,7 +20,8 @@ from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 PLUGIN = str(Path(__file__).with_name("plugin_planted.py"))
 THREADS = int(os.environ.get("DIFFSPEED_TEST_THREADS", "2"))
 
-TOP_KEYS = {"schema", "created", "command", "environment", "settings", "fidelity_note", "entries", "pareto", "files"}
+TOP_KEYS = {"schema", "created", "command", "environment", "settings", "fidelity_note", "noise", "entries", "pareto",
+            "files"}
 ENTRY_KEYS = {"name", "kind", "source", "what", "slug", "recipe", "peer", "settings", "status", "error", "phase",
               "images", "seconds_per_image", "stats", "derived", "events", "ratios", "fidelity", "log"}
 OK_KEYS = {"load_s", "setup_s", "first_call_s", "timing", "memory", "width", "height"}
@@ -31,8 +32,7 @@ FIDELITY_KEYS = {"psnr_db", "ssim", "ms_ssim", "ms_ssim_scales", "lpips", "notes
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    entries = [Entry.of_recipe([], "baseline again"),
-               Entry("planted slow", "recipe", "test", {"optimization": [{"name": "test_sleep", "seconds": 0.25}]}),
+    entries = [Entry("planted slow", "recipe", "test", {"optimization": [{"name": "test_sleep", "seconds": 0.25}]}),
                Entry("planted failure", "recipe", "test", {"optimization": [{"name": "test_fail", "at_call": 6}]}),
                Entry.of_recipe([CfgCutoffConfig(fraction=0.0)], "no guidance"),
                Entry.of_recipe([AttentionConfig(backend="xformers")], "xformers"),
@@ -52,8 +52,9 @@ def test_results_json_is_strict_complete_and_matches_the_return_value(run):
         raise ValueError(f"non-strict JSON constant {token}")
     disk = json.loads((out / "results.json").read_text(), parse_constant=refuse)
     assert set(disk) == TOP_KEYS and disk["schema"] == SCHEMA == "diffspeed.bench/1"
-    assert [e["name"] for e in disk["entries"]] == ["baseline", "baseline again", "planted slow", "planted failure",
-                                                     "no guidance", "xformers", "tomesd ratio 0.5"]
+    assert [e["name"] for e in disk["entries"]] == ["baseline", "planted slow", "planted failure", "no guidance",
+                                                     "xformers", "tomesd ratio 0.5", "baseline again"]
+    assert disk["noise"]["baseline_again_speed"] == disk["entries"][-1]["ratios"]["speed"] > 0
     for e in disk["entries"]:
         assert ENTRY_KEYS <= set(e), e["name"]
         if e["status"] == "ok":
@@ -67,9 +68,13 @@ def test_results_json_is_strict_complete_and_matches_the_return_value(run):
     assert env["torch"] and env["diffusers"] and env["device"] == "cpu" and disk["command"] == "pytest bench"
     assert settings["model"] == "tiny-sd" and settings["width"] == 64 and len(settings["queue"]) == 2
     assert settings["isolation"] == "one process per entry"
+    from diffspeed.bench.report import load_results
+
+    assert load_results(out)["entries"] == json.loads(json.dumps(data["entries"]))  # the same, inf included
 
 
 def test_same_recipe_twice_is_exact(run):
+    """The noise check at the end runs the baseline's (empty) recipe again in a new process."""
     entries = by_name(run[0])
     again = entries["baseline again"]["fidelity"]
     assert again["psnr_db"] == math.inf and again["ssim"] == 1.0 and again["ms_ssim"] == 1.0

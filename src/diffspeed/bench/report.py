@@ -73,6 +73,8 @@ def _header_lines(data: dict) -> list[str]:
              f"versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
              f"transformers {env['transformers']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""),
              f"method: {s['isolation']}; timing by {s['timing']}; memory: {s['memory']}; {FASTER}"]
+    if data.get("noise"):
+        lines.append(f"noise: {data['noise']['note']}")
     if data.get("fidelity_note"):
         lines.append(f"fidelity: {data['fidelity_note']}")
     notes = sorted({n for r in data["entries"] for n in ((r.get("fidelity") or {}).get("notes") or [])})
@@ -189,10 +191,11 @@ def _scatter(points, pareto, xlabel, ylabel, title, path: Path, ycap_label: str 
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, x, y in points:
+    for i, (name, x, y) in enumerate(sorted(points, key=lambda p: (p[2], p[1]))):
         on = name in pareto
         ax.scatter([x], [y], s=40 if on else 22, color="tab:red" if on else "tab:blue", zorder=3)
-        ax.annotate(name[:30], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # neighbours in height alternate above and below their point, so close labels do not overprint
+        ax.annotate(name[:34], (x, y), fontsize=6.5, xytext=(4, 4 if i % 2 else -9), textcoords="offset points")
     front = sorted((x, y) for n, x, y in points if n in pareto)
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1, alpha=0.6,
@@ -204,9 +207,7 @@ def _scatter(points, pareto, xlabel, ylabel, title, path: Path, ycap_label: str 
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if v in (0.5, 2, 3, 5) else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    if ycap_label:
-        ax.text(0.01, 0.99, ycap_label, transform=ax.transAxes, fontsize=7, va="top")
+    ax.set_title(title + (f"\n{ycap_label}" if ycap_label else ""), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,3 +245,17 @@ def write_reports(data: dict, out: Path) -> dict:
     (out / "report.md").write_text(markdown(data, files))
     (out / "report.html").write_text(html_report(data, files))
     return files
+
+
+def load_results(folder: str | Path) -> dict:
+    """``results.json`` back as ``bench`` returned it (PSNR "inf" strings as floats), e.g. to redraw the reports
+    with :func:`write_reports` after changing this module, without measuring again."""
+    import json
+
+    data = json.loads((Path(folder) / "results.json").read_text())
+    for entry in data["entries"]:
+        f = entry.get("fidelity")
+        if f:
+            f["psnr_db"] = float(f["psnr_db"])
+            f["per_image_psnr_db"] = [float(v) for v in f["per_image_psnr_db"]]
+    return data

@@ -66,6 +66,8 @@ class Entry:
 
 
 BASELINE = Entry("baseline", "baseline", "the model as loaded", {"optimization": []})
+BASELINE_AGAIN = Entry("baseline again", "baseline", "noise check: the baseline measured again at the end",
+                       {"optimization": []})
 
 
 # ------------------------------------------------------------------------------------------------- suites
@@ -250,8 +252,11 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
           size: int | tuple[int, int] | None = None, sampler: str | None = "DPM++ 2M", cfg: float = 7.0, runs: int = 5,
           warmup: int = 1, device: str | None = None, dtype: str | None = None, out: str | Path = "bench-results",
           timeout: float | None = 1800.0, plugins: list[str] = (), threads: int | None = None,
-          progress: bool = True, command: str | None = None) -> dict:
+          progress: bool = True, command: str | None = None, noise_check: bool = True) -> dict:
     """Benchmark ``entries`` (default: every preset and every peer) against the baseline; write the report.
+
+    ``noise_check``: measure the baseline once more at the end ("baseline again"); its speed ratio, which
+    should be 1.00x, shows how far this machine's timings drift during the run (``data["noise"]``).
 
     Returns what ``results.json`` holds. Every entry runs in its own process (see :mod:`.worker`); one that
     fails or is skipped is recorded with its reason and the rest go on.
@@ -285,6 +290,8 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     todo = [BASELINE] + list(entries if entries is not None else
                              preset_entries(presets, device) + ([Entry.of_peer(p) for p in default_peers()]
                                                                 if peers else []))
+    if noise_check and len(todo) > 1:
+        todo.append(BASELINE_AGAIN)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = {"model": model, "device": device, "dtype": dtype, "sampler": sampler, "steps": steps,
@@ -305,7 +312,8 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
             done[0] += 1
             bar.update(1)
 
-        why = entry.settings.get("invalid") or _cannot_run(entry, device)
+        # plugins register their optimizations in the workers only, so only a worker can judge their recipes
+        why = entry.settings.get("invalid") or (None if plugins else _cannot_run(entry, device))
         if why:  # known before loading anything: no process is started for it
             row = {"name": entry.name, "status": "skipped", "error": why, "phase": "setup",
                    "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
@@ -335,7 +343,12 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
             "fidelity_note": ("random weights: the images are noise, so fidelity is not computed (it would be "
                               "meaningless); only speed and memory count") if random_weights else None,
             "entries": rows}
-    data["pareto"] = pareto_front(rows, not random_weights)
+    again = next((r for r in rows if r["name"] == BASELINE_AGAIN.name and r["kind"] == "baseline"), None)
+    data["noise"] = ({"baseline_again_speed": again["ratios"]["speed"],
+                      "note": f"the baseline measured again at the end ran at {again['ratios']['speed']:.2f}x "
+                              "of the first: speed ratios closer to 1 than that are within this run's noise"}
+                     if again and again.get("ratios") else None)
+    data["pareto"] = pareto_front([r for r in rows if r is not again], not random_weights)
     data["files"] = write_reports(data, out)
     (out / "results.json").write_text(json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
     return data

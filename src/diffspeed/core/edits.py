@@ -7,7 +7,7 @@ attention processor objects, same attributes (absent ones deleted again), same `
 from __future__ import annotations
 
 import functools
-import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -123,32 +123,38 @@ class Edits:
                  spill_dir: str | Path | None = None) -> None:
         """Apply ``fn`` to every parameter and buffer, keeping the original tensors so undo restores them
         exactly (a dtype round trip fp32 -> fp16 -> fp32 would not): in host memory, or with ``spill_dir`` in
-        a file there (``torch.save`` round-trips bits and strides), which gives their memory back meanwhile."""
+        a folder of files there (``torch.save`` round-trips bits and strides), one per tensor, written as each
+        is converted -- so the originals' memory is given back as the cast goes, never held twice."""
+        spill = Path(tempfile.mkdtemp(prefix="diffspeed-originals-", dir=spill_dir)) if spill_dir else None
         saved = []
-        for t in [*module.parameters(), *module.buffers()]:
-            new = fn(t.data)
-            if new is t.data:
-                continue
-            device = t.data.device
-            saved.append([t, t.data.to("cpu"), device])  # on the CPU: the original tensor itself
-            t.data = new
-        spill = None
-        if spill_dir is not None and saved:
-            fd, spill = tempfile.mkstemp(prefix="diffspeed-originals-", suffix=".pt", dir=spill_dir)
-            os.close(fd)
-            torch.save([entry[1] for entry in saved], spill)
-            for entry in saved:
-                entry[1] = None  # the file holds them now
+        try:
+            for t in [*module.parameters(), *module.buffers()]:
+                new = fn(t.data)
+                if new is t.data:
+                    continue
+                device = t.data.device
+                original = t.data.to("cpu")  # on the CPU: the original tensor itself
+                if spill is not None:
+                    torch.save(original, spill / f"{len(saved)}.pt")
+                    original = None
+                saved.append((t, original, device))
+                t.data = new
+        except BaseException:
+            _restore(saved, spill)
+            raise
 
-        def undo():
-            originals = [entry[1] for entry in saved]
-            if spill is not None:
-                originals = torch.load(spill, weights_only=True)
-                os.unlink(spill)
-            for (t, _, device), original in zip(reversed(saved), reversed(originals)):
-                t.data = original.to(device)
+        self.record(f"tensors of {type(module).__name__}" + (f" (originals in {spill})" if spill else ""),
+                    lambda: _restore(saved, spill))
 
-        self.record(f"tensors of {type(module).__name__}" + (f" (originals in {spill})" if spill else ""), undo)
+
+def _restore(saved: list, spill: Path | None) -> None:
+    for i in reversed(range(len(saved))):
+        t, original, device = saved[i]
+        if spill is not None:
+            original = torch.load(spill / f"{i}.pt", weights_only=True)
+        t.data = original.to(device)
+    if spill is not None:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _same(a: Any, b: Any) -> bool:
