@@ -94,6 +94,7 @@ def classic_suite(image_size: int) -> list[Entry]:
              ("freeu", [FreeUConfig()]),
              ("sampler DPM++ 2M Karras", [SamplerConfig(sampler="DPM++ 2M Karras")]),
              ("staged", [known["staged"].Config()]),
+             ("tiny_vae (shipped taesd-tiny)", [known["tiny_vae"].Config()]),
              ("offload model", [known["offload"].Config(mode="model")] if torch.cuda.is_available() else None),
              ("compile", [known["compile"].Config()])]
     out = [Entry.of_recipe(configs, name, "suite classic") for name, configs in suite if configs is not None]
