@@ -289,15 +289,14 @@ def cmd_optimizations(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    from diffspeed.core.recipe import describe_tables
     from diffspeed.presets import PRESETS, load_preset
 
     for name in PRESETS:
         preset = load_preset(name)
         print(f"{name}: {' '.join(preset.description.split())}")
         for kind in ("cuda", "cpu"):
-            items = ", ".join(i["name"] + "(" + ", ".join(f"{k}={v}" for k, v in i.items() if k != "name") + ")"
-                              for i in preset.entries[kind])
-            print(f"    {kind}: {items or 'nothing'}")
+            print(f"    {kind}: {describe_tables(preset.entries[kind]) or 'nothing'}")
         if preset.chosen_on:
             print("    chosen on: " + " ".join(preset.chosen_on.split()))
     return 0

@@ -231,7 +231,9 @@ def draw_plots(data: dict, out: Path) -> dict:
     pts = [(r["name"], r["ratios"]["speed"], r["ratios"]["memory"]) for r in ran]
     if pts:
         path = out / "plots" / "speed-vs-memory.png"
-        lean = {n for n, x, y in pts if not any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for _, x2, y2 in pts)}
+        from diffspeed.bench.runner import pareto_front
+
+        lean = set(pareto_front(ran, fidelity=False))
         _scatter(pts, lean, "speed vs baseline (x, log scale)", "peak memory vs baseline (x)",
                  f"{model}: speed vs peak memory (red: faster-and-leaner front)", path)
         files["memory_plot"] = str(path.relative_to(out))

@@ -29,7 +29,9 @@ import torch
 
 from diffspeed.bench.peers import Peer, deepcache_package, default_peers, tomesd_package
 from diffspeed.bench.queue import QueueItem, default_queue
+from diffspeed.bench.worker import new_result
 from diffspeed.core import OptConfig, Recipe, all_optimizations
+from diffspeed.core.recipe import describe_tables
 from diffspeed.errors import DiffspeedError, check_range
 
 SCHEMA = "diffspeed.bench/1"
@@ -60,9 +62,7 @@ class Entry:
     def describe(self) -> str:
         if self.kind == "peer":
             return f"{self.peer}({', '.join(f'{k}={v}' for k, v in self.settings.items())})"
-        items = (self.recipe or {}).get("optimization", [])
-        return " + ".join(i["name"] + "(" + ", ".join(f"{k}={v}" for k, v in i.items() if k != "name") + ")"
-                          for i in items) or "nothing applied"
+        return describe_tables((self.recipe or {}).get("optimization", [])) or "nothing applied"
 
 
 BASELINE = Entry("baseline", "baseline", "the model as loaded", {"optimization": []})
@@ -191,8 +191,7 @@ def _run_isolated(job: dict, folder: Path, timeout: float | None, tick) -> dict:
         return json.loads(result_path.read_text())
     tail = log_path.read_text()[-2000:]
     why = f"timed out after {timeout:.0f} s" if timed_out else f"the worker process exited with status {code}"
-    return {"name": job["entry"]["name"], "status": "failed", "error": f"{why}; last log lines: {tail.strip()[-600:]}",
-            "phase": "process", "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+    return new_result(job["entry"]["name"], "failed", f"{why}; last log lines: {tail.strip()[-600:]}", "process")
 
 
 def _cannot_run(entry: Entry, device: str) -> str | None:
@@ -284,7 +283,6 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     if prompts is not None:
         check_range("prompts", prompts, 1, len(queue))
         queue = queue[:prompts]
-    device = "cuda" if model.startswith("random:") and device is None and torch.cuda.is_available() else device
     device = str(resolve_device(device))
     width, height = _size(model, size)
     random_weights = model.startswith("random:")
@@ -316,8 +314,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
         # plugins register their optimizations in the workers only, so only a worker can judge their recipes
         why = entry.settings.get("invalid") or (None if plugins else _cannot_run(entry, device))
         if why:  # known before loading anything: no process is started for it
-            row = {"name": entry.name, "status": "skipped", "error": why, "phase": "setup",
-                   "images": [], "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+            row = new_result(entry.name, "skipped", why, "setup")
         else:
             job = common | {"entry": asdict(entry), "images_dir": str(folder / "images")}
             row = _run_isolated(job, folder, timeout, tick)

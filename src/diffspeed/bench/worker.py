@@ -48,7 +48,9 @@ def load_pipeline(job: dict):
         from diffspeed.bench.models import random_pipeline
 
         pipe = random_pipeline(job["model"].split(":", 1)[1])
-        pipe.to(job.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from diffspeed.pipelines.load import resolve_device
+
+        pipe.to(resolve_device(job.get("device")))
     else:
         from diffspeed.pipelines.load import load
 
@@ -155,12 +157,17 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).save(path)
 
 
+def new_result(name: str, status: str = "ok", error: str | None = None, phase: str | None = None) -> dict:
+    """An entry's result before anything is measured: what a skipped or failed entry reports."""
+    return {"name": name, "status": status, "error": error, "phase": phase, "images": [], "seconds_per_image": [],
+            "stats": {}, "derived": {}, "events": []}
+
+
 def run_job(job: dict, emit=_emit) -> dict:
     """Measure one entry; never raises for the entry's own failures (they are the result)."""
     from diffspeed.bench.memory import MemoryMonitor
 
-    result = {"name": job["entry"]["name"], "status": "ok", "error": None, "phase": None, "images": [],
-              "seconds_per_image": [], "stats": {}, "derived": {}, "events": []}
+    result = new_result(job["entry"]["name"])
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     phase = "load"

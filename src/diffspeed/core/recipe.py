@@ -150,6 +150,12 @@ class Recipe:
         return self
 
 
+def describe_tables(items: list[dict]) -> str:
+    """Recipe tables as one line, ``name(key=value, ...) + ...`` -- how reports and listings show a recipe."""
+    return " + ".join(i["name"] + "(" + ", ".join(f"{k}={v}" for k, v in i.items() if k != "name") + ")"
+                      for i in items)
+
+
 def _config_problems(config_cls: type[OptConfig], fields: dict) -> list[str]:
     """All field problems of ``config_cls(**fields)`` without stopping at the first."""
     try:
