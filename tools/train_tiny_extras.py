@@ -3,6 +3,7 @@
 
     python tools/train_tiny_extras.py controlnet --family sd    # -> models/tiny-sd-controlnet-mask/
     python tools/train_tiny_extras.py controlnet --family sdxl  # -> models/tiny-sdxl-controlnet-mask/
+    python tools/train_tiny_extras.py controlnet-card           # final evaluation, samples.png, model card
     python tools/train_tiny_extras.py refiner                   # -> models/tiny-sdxl-refiner/
 
 Both start from the shipped base model, use its frozen VAE and text encoders, the same procedural data and
@@ -53,6 +54,7 @@ from diffspeed.tiny.data import (  # noqa: E402
     training_batch_with_masks,
 )
 
+EVAL_CFG = {"sd": 3.0, "sdxl": 10.0}  # the base models' guidance for their acceptance colour check (model cards)
 REFINER_T_MAX = 400  # the refiner trains on t in [0, 400): it takes over at "switch at" 0.6..0.99
 AESTHETIC = (1.0, 10.0)  # range of the aesthetic-score conditioning drawn in training (the data has no quality
 # signal, so the refiner learns to ignore it; inference uses 6.0 / 2.5 for positive / negative by default)
@@ -138,10 +140,12 @@ def warmup_lr(opt, lr: float, leg_steps: int, warmup: int = 100) -> None:
 
 
 def moved(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The scene with its shapes at other named positions: a caption that disagrees with the mask."""
-    names = list(POSITIONS)
-    picks = rng.choice(len(names), size=len(scene.shapes), replace=False)
-    return Scene(tuple(Shape(s.colour, s.shape, names[p]) for s, p in zip(scene.shapes, picks)), scene.background)
+    """The scene with each shape at another named position than its own (and no two at one): a caption that
+    disagrees with the mask."""
+    taken = {s.position for s in scene.shapes}
+    free = [p for p in POSITIONS if p not in taken]
+    picks = rng.choice(len(free), size=len(scene.shapes), replace=False)
+    return Scene(tuple(Shape(s.colour, s.shape, free[p]) for s, p in zip(scene.shapes, picks)), scene.background)
 
 
 # ------------------------------------------------------------------------------------------------ ControlNet
@@ -226,7 +230,7 @@ def save_controlnet(pipe, cn, ema: dict, out: Path, state: dict, family: str, ar
     model.load_state_dict(ema)
     model.eval()
     state["evals"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 1),
-                           **controlnet_eval(pipe, model, args.eval_images)})
+                           **controlnet_eval(pipe, model, args.eval_images, EVAL_CFG[family])})
     model.to(torch.float16).save_pretrained(out)
     state["saved_step"] = state["step"]
     state["params"] = {"controlnet": n_params(model), "unet_frozen": n_params(pipe.unet)}
@@ -239,10 +243,11 @@ def save_controlnet(pipe, cn, ema: dict, out: Path, state: dict, family: str, ar
 
 
 @torch.no_grad()
-def controlnet_eval(pipe, cn, n: int, steps: int = 20) -> dict:
+def controlnet_eval(pipe, cn, n: int, cfg: float, steps: int = 20, images: list | None = None) -> dict:
     """Mean IoU of the images' shapes (:func:`diffspeed.tiny.check.foreground`) with the control mask, on
     held-out captions: ``iou`` with the caption's own mask, ``iou_moved`` with a mask at other positions than
-    the caption names (the ControlNet must win), ``iou_moved_off`` the same at control scale 0 (the baseline)."""
+    the caption names (the ControlNet must win), ``iou_moved_off`` the same at control scale 0 (the baseline).
+    ``images``, if given, receives (key, masks, images) for a sample grid."""
     from diffusers import AutoPipelineForText2Image
 
     scenes = held_out_scenes()[:n]
@@ -254,20 +259,61 @@ def controlnet_eval(pipe, cn, n: int, steps: int = 20) -> dict:
 
     def run(ms, scale):
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        return cpipe([s.caption() for s in scenes], image=ms, num_inference_steps=steps, guidance_scale=7.5,
+        return cpipe([s.caption() for s in scenes], image=ms, num_inference_steps=steps, guidance_scale=cfg,
                      controlnet_conditioning_scale=scale, generator=gens, height=SIZE, width=SIZE).images
 
-    res = {}
+    res = {"cfg": cfg}
     for key, ms, scale in (("iou", masks, 1.0), ("iou_moved", moved_masks, 1.0), ("iou_moved_off", moved_masks, 0.0)):
-        res[key] = round(float(np.mean([mask_iou(im, m) for im, m in zip(run(ms, scale), ms)])), 3)
+        ims = run(ms, scale)
+        res[key] = round(float(np.mean([mask_iou(im, m) for im, m in zip(ims, ms)])), 3)
+        if images is not None:
+            images.append((key, ms, ims))
     return res
 
 
+def controlnet_samples(out: Path, runs: list, k: int = 8) -> None:
+    """samples.png: per column one held-out caption; rows: the moved mask, the image with it, the image at
+    control scale 0 -- the ControlNet must move the shape to the mask."""
+    from PIL import Image
+
+    by = {key: (ms, ims) for key, ms, ims in runs}
+    masks, on = by["iou_moved"]
+    off = by["iou_moved_off"][1]
+    grid = Image.new("RGB", (SIZE * k, SIZE * 3))
+    for i in range(k):
+        for row, im in enumerate((masks[i].convert("RGB"), on[i], off[i])):
+            grid.paste(im, (SIZE * i, SIZE * row))
+    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(out / "samples.png")
+
+
+def controlnet_final_card(args) -> None:
+    """Re-evaluate the saved ControlNet at the base model's guidance, write samples.png and the card."""
+    from diffusers import ControlNetModel
+
+    family, out = args.family, args.out
+    state = load_state(out, False)
+    if not state["step"]:
+        raise SystemExit(f"no trained ControlNet in {out}")
+    pipe = base_pipeline(family)
+    cn = ControlNetModel.from_pretrained(out, torch_dtype=torch.float32).eval()
+    runs: list = []
+    state["final_eval"] = {"step": state["step"], "images": args.eval_images,
+                           **controlnet_eval(pipe, cn, args.eval_images, EVAL_CFG[family], images=runs)}
+    controlnet_samples(out, runs)
+    state["final_eval"]["samples"] = "samples.png"
+    (out / "training.json").write_text(json.dumps(state, indent=2))
+    (out / "README.md").write_text(controlnet_card(family, state))
+    log(f"controlnet {family}: final evaluation {state['final_eval']}; wrote samples.png and README.md")
+
+
 def controlnet_card(family: str, state: dict) -> str:
-    ev = state["evals"][-1]
-    rows = "\n".join(f"| {e['step']} | {e['minutes']} | {e['iou']:.2f} | {e['iou_moved']:.2f} | "
-                     f"{e['iou_moved_off']:.2f} |" for e in state["evals"])
+    ev = state.get("final_eval") or state["evals"][-1]
+    rows = "\n".join(f"| {e['step']} | {e['minutes']} | {e.get('cfg', 7.5)} | {e['iou']:.2f} | {e['iou_moved']:.2f} | "
+                      f"{e['iou_moved_off']:.2f} |" for e in state["evals"])
     c = state["config"]
+    samples = ("\n![samples](samples.png)\n\nRow 1: the control mask (shapes at other positions than the caption "
+               "names); row 2: the image with it; row 3: the same seed at control scale 0.\n"
+               if ev.get("samples") else "")
     return f"""# diffspeed-{NAMES[family]}-controlnet-mask
 
 A tiny ControlNet (`diffusers.ControlNetModel`) for the shipped `{NAMES[family]}`: the control image is a
@@ -286,15 +332,18 @@ on {c['threads']} CPU thread(s). {state['params']['controlnet'] / 1e6:.2f} M par
 
 ## Evaluation
 Mean IoU between the image's shapes (pixels far from the median colour) and the control mask, on
-{c['eval_images']} held-out captions, 20 steps, CFG 7.5. "moved": the mask shows the shapes at
-other positions than the caption names; "off": the same at control scale 0 (the baseline).
+{c['eval_images']} held-out captions, 20 steps (PNDM), at the CFG scale given. "moved": the mask shows the shapes
+at other positions than the caption names; "off": the same at control scale 0 (the baseline). The IoU is
+pessimistic where the base model leaves a mottled background (pixels "far from the median colour" then count
+as shape); the test (`tests/pipelines/test_controlnet.py`) measures the share of shape pixels inside the mask.
 
-| step | minutes | IoU (mask = caption) | IoU moved | IoU moved, scale 0 |
-| --- | --- | --- | --- | --- |
+| step | minutes | CFG | IoU (mask = caption) | IoU moved | IoU moved, scale 0 |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 
-Latest: IoU {ev['iou']:.2f}, moved {ev['iou_moved']:.2f} vs {ev['iou_moved_off']:.2f} without control.
-
+Final (step {ev['step']}, CFG {ev.get('cfg', 7.5)}, the base model's guidance): IoU {ev['iou']:.2f}, moved
+{ev['iou_moved']:.2f} vs {ev['iou_moved_off']:.2f} without control.
+{samples}
 Use: `diffspeed generate "a red circle at center on a blue background" --model {NAMES[family]} --controlnet
 {NAMES[family]}-controlnet-mask --control-image mask.png`.
 """
@@ -524,7 +573,7 @@ tiny-sdxl-refiner --refiner-switch-at 0.8`.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["controlnet", "refiner"])
+    ap.add_argument("stage", choices=["controlnet", "controlnet-card", "refiner"])
     ap.add_argument("--family", choices=["sd", "sdxl"], default=None, help="controlnet: the base model (sd)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
@@ -542,12 +591,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.stage == "controlnet":
+    if args.stage in ("controlnet", "controlnet-card"):
         args.family = args.family or "sd"
         args.lr = args.lr or 1e-3
         args.out = args.out or controlnet_dir(args.family)
         args.out.mkdir(parents=True, exist_ok=True)
-        train_controlnet(args)
+        (train_controlnet if args.stage == "controlnet" else controlnet_final_card)(args)
     else:
         if args.family == "sd":
             ap.error("the refiner is an SDXL model: leave out --family or give --family sdxl")

@@ -35,7 +35,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--out", default="outputs", help="output folder (created; files are never overwritten)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="apply a LoRA (.safetensors, diffusers or kohya layout), weight default 1 (repeatable)")
+                   help="apply a LoRA (.safetensors, diffusers or kohya layout, or the shipped "
+                   "tiny-sd-lora-monochrome), weight default 1 (repeatable)")
     p.add_argument("--fuse-lora", action="store_true", help="fold the LoRAs into the weights before generating")
     w = p.add_argument_group("img2img / inpaint / hires fix")
     w.add_argument("--init-image", default=None, help="img2img: start from this image (size: the image's, or "
@@ -52,7 +53,8 @@ def _add_generate(sub) -> None:
     c = p.add_argument_group("ControlNet / SDXL refiner")
     c.add_argument("--control-image", default=None, help="ControlNet: the control image (needs --controlnet)")
     c.add_argument("--controlnet", default=None, help="ControlNet: a diffusers ControlNetModel folder or a shipped "
-                   "name (tiny-sd-controlnet-mask, tiny-sdxl-controlnet-mask)")
+                   "name (tiny-sd-controlnet-mask; tiny-sdxl-controlnet-mask once trained by "
+                   "tools/train_tiny_extras.py)")
     c.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight, 0..2")
     c.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
     c.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")

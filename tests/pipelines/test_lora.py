@@ -15,6 +15,7 @@ from diffspeed.pipelines.lora import (
     load_lora,
     lora_parameters,
     parse_lora_spec,
+    resolve_lora_path,
     set_loras,
     unfuse_loras,
     unload_loras,
@@ -149,16 +150,37 @@ def test_parse_lora_spec():
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the monochrome LoRA is trained by tools/train_tiny_lora.py")
-def test_shipped_monochrome_lora_removes_colour(pipe):
+def test_shipped_monochrome_lora_removes_colour_and_unfusing_restores_the_baseline(pipe):
+    """Loaded by its shipped name: colour saturation falls as the weight rises (as trained), the fused LoRA
+    gives the unfused image, and unfuse + unload bring back the exact baseline images and weights."""
     from diffspeed.tiny.check import saturation
 
-    prompts = ["a red circle at center on a blue background", "a yellow star at top left on a green background"]
+    prompts = ["a red circle at center on a blue background", "a yellow star at top left on a green background",
+               "a green square at bottom right on an orange background"]
 
-    def sat():
-        return saturation([generate(pipe, GenerateRequest(prompt=p, seed=i, steps=12), progress=False).images[0]
-                           for i, p in enumerate(prompts)])
+    def images():
+        return [np.asarray(generate(pipe, GenerateRequest(prompt=p, seed=i, steps=12), progress=False).images[0])
+                for i, p in enumerate(prompts)]
 
-    base = sat()
-    load_lora(pipe, SHIPPED, weight=1.0)
-    styled = sat()
-    assert styled < 0.6 * base
+    weights = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    base = images()
+    load_lora(pipe, "tiny-sd-lora-monochrome", weight=0.5)
+    half = images()
+    set_loras(pipe, {"tiny_sd_lora_monochrome": 1.0})
+    full = images()
+    assert saturation(full) < saturation(half) < saturation(base) and saturation(full) < 0.6 * saturation(base)
+    fuse_loras(pipe)
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 3 for a, b in zip(images(), full))
+    unfuse_loras(pipe)
+    unload_loras(pipe)
+    assert all(np.array_equal(a, b) for a, b in zip(images(), base))
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_shipped_lora_name_is_a_clear_error_when_missing(monkeypatch, tmp_path):
+    import diffspeed.pipelines.load as load_mod
+
+    monkeypatch.setattr(load_mod, "MODELS_DIR", tmp_path)
+    with pytest.raises(DiffspeedError, match="tiny-sd-lora-monochrome is not shipped") as err:
+        resolve_lora_path("tiny-sd-lora-monochrome")
+    assert err.value.field == "lora"

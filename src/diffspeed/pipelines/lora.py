@@ -109,7 +109,18 @@ class _CaptureWarnings(logging.Handler):
         self.logger.removeHandler(self)
 
 
+SHIPPED_LORAS = ("tiny-sd-lora-monochrome",)
+
+
 def resolve_lora_path(source: str | Path) -> Path:
+    """The .safetensors file of a LoRA given as a file, a folder holding one, or a shipped name."""
+    from diffspeed.pipelines.load import MODELS_DIR
+
+    if str(source) in SHIPPED_LORAS:
+        if not (MODELS_DIR / str(source)).is_dir():
+            raise DiffspeedError(f"lora: {source} is not shipped in this install (it comes from "
+                                 "tools/train_tiny_lora.py)", field="lora")
+        source = MODELS_DIR / str(source)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -129,7 +140,9 @@ def load_lora(pipe, source: str | Path, *, weight: float = 1.0, name: str | None
     if st.fused_originals is not None:
         raise DiffspeedError("lora: unfuse the fused LoRAs before loading another", field="lora")
     path = resolve_lora_path(source)
-    name = name or re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
+    # a folder (or shipped name) is named after itself: its file is usually diffusers' "pytorch_lora_weights"
+    stem = Path(str(source)).name if path.name != Path(str(source)).name else path.stem
+    name = name or re.sub(r"[^A-Za-z0-9_]", "_", stem)
     if name in st.loaded:
         raise DiffspeedError(f"lora: an adapter named {name!r} is already loaded", field="lora")
     with _CaptureWarnings("diffusers") as warnings:

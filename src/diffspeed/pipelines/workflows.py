@@ -171,7 +171,9 @@ def load_controlnet(spec, pipe):
             raise DiffspeedError(f"controlnet {spec if isinstance(spec, (str, Path)) else type(spec).__name__} "
                                  f"does not fit this model: its {key} is {got.get(key)}, the UNet's is "
                                  f"{want.get(key)} (a ControlNet is made for one model family)", field="controlnet")
-    return model.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    if model.dtype != pipe.unet.dtype:  # (a dtype in to() makes diffusers warn even when nothing changes)
+        model = model.to(dtype=pipe.unet.dtype)
+    return model.to(device=pipe.unet.device)
 
 
 def _as_tuple(value):
