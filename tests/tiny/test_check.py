@@ -30,9 +30,9 @@ def test_held_out_prompts_never_in_training_data():
 
 @pytest.mark.parametrize("model, cfg", [("tiny_sd", 3.0), ("tiny_sdxl", 7.5)])
 def test_models_follow_prompts(model, cfg, request):
-    """12 held-out prompts at each model's best guidance scale, floors well above chance (~11 % background,
-    ~12 % shape) that the shipped weights exceed: measured tiny-sd 100 % / 58 % (CFG 3), tiny-sdxl 83 % / 75 %
-    (CFG 7.5) after the text-encoder stage and the fine-tune.
+    """12 held-out prompts, 15 steps (a quick version of the slow acceptance test below), floors well above
+    chance (~11 % background, ~12 % shape) that the shipped weights exceed: measured tiny-sd 100 % / 58 %
+    (CFG 3), tiny-sdxl 83 % / 75 % (CFG 7.5) after the text-encoder stage and the fine-tune.
 
     The acceptance bar (>= 80 % background, >= 40 % shape on 60 prompts) is the card stage of
     tools/train_tiny_models.py; its numbers per guidance scale are in the model cards.
@@ -40,6 +40,23 @@ def test_models_follow_prompts(model, cfg, request):
     pipe = request.getfixturevalue(model)
     res = run_colour_check(pipe, held_out_scenes()[:12], steps=15, seed=0, guidance_scale=cfg)
     assert res.background_accuracy >= 0.6 and res.shape_accuracy >= 0.45, res
+
+
+# each shipped model's guidance scale for the acceptance bar (its card's sweep says why)
+ACCEPTANCE_CFG = {"tiny-sd": 3.0, "tiny-sdxl": 10.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ACCEPTANCE_CFG))
+def test_acceptance_bar_on_60_held_out_prompts(name):
+    """The issue's bar, in full: 60 held-out prompts, seeds 0..59, the pipeline's own sampler (PNDM) at 25
+    steps -- background colour right in >= 80 % of images, the shape colour at its position in >= 40 %."""
+    import diffspeed
+
+    pipe = diffspeed.load(name, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    res = run_colour_check(pipe, held_out_scenes(60), steps=25, seed=0, guidance_scale=ACCEPTANCE_CFG[name])
+    assert res.passes(background=0.8, shape=0.4), res
 
 
 def test_mask_matches_the_image_jitter():
