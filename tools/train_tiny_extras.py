@@ -54,7 +54,6 @@ from diffspeed.tiny.data import (  # noqa: E402
     training_batch_with_masks,
 )
 
-EVAL_CFG = {"sd": 3.0, "sdxl": 10.0}  # the base models' guidance for their acceptance colour check (model cards)
 REFINER_T_MAX = 400  # the refiner trains on t in [0, 400): it takes over at "switch at" 0.6..0.99
 AESTHETIC = (1.0, 10.0)  # range of the aesthetic-score conditioning drawn in training (the data has no quality
 # signal, so the refiner learns to ignore it; inference uses 6.0 / 2.5 for positive / negative by default)
@@ -84,6 +83,12 @@ def ddpm():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("steps_offset", "set_alpha_to_one")})
+
+
+def base_cfg(family: str) -> float:
+    """The base model's guidance scale: where its model card's colour check meets the acceptance bar."""
+    state = json.loads((MODELS / NAMES[family] / "training.json").read_text())
+    return state.get("final_check", {}).get("recommended_cfg", 7.5)
 
 
 def load_state(out: Path, restart: bool = False) -> dict:
@@ -230,7 +235,7 @@ def save_controlnet(pipe, cn, ema: dict, out: Path, state: dict, family: str, ar
     model.load_state_dict(ema)
     model.eval()
     state["evals"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 1),
-                           **controlnet_eval(pipe, model, args.eval_images, EVAL_CFG[family])})
+                           **controlnet_eval(pipe, model, args.eval_images, base_cfg(family))})
     model.to(torch.float16).save_pretrained(out)
     state["saved_step"] = state["step"]
     state["params"] = {"controlnet": n_params(model), "unet_frozen": n_params(pipe.unet)}
@@ -298,7 +303,7 @@ def controlnet_final_card(args) -> None:
     cn = ControlNetModel.from_pretrained(out, torch_dtype=torch.float32).eval()
     runs: list = []
     state["final_eval"] = {"step": state["step"], "images": args.eval_images,
-                           **controlnet_eval(pipe, cn, args.eval_images, EVAL_CFG[family], images=runs)}
+                           **controlnet_eval(pipe, cn, args.eval_images, base_cfg(family), images=runs)}
     controlnet_samples(out, runs)
     state["final_eval"]["samples"] = "samples.png"
     (out / "training.json").write_text(json.dumps(state, indent=2))

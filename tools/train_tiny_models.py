@@ -486,12 +486,13 @@ def make_card(args) -> None:
     res = check(pipe, scenes, steps=25, seed=0)
     log(f"{family}: 60-prompt check background {res.background_accuracy:.1%} shape {res.shape_accuracy:.1%} "
         f"({time.time() - t0:.0f}s)")
-    sweep = {}
+    sweep, meets = {}, []
     for cfg in GUIDANCE_SWEEP:  # small models trained from scratch often want less guidance than SD's 7.5
         r = res if cfg == 7.5 else check(pipe, scenes, steps=25, seed=0, guidance_scale=cfg)
         sweep[str(cfg)] = {"background": r.background_accuracy, "shape": r.shape_accuracy}
+        if r.passes():
+            meets.append(cfg)
         log(f"{family}: CFG {cfg}: background {r.background_accuracy:.1%} shape {r.shape_accuracy:.1%}")
-    meets = [float(k) for k, v in sweep.items() if v["background"] >= 0.8 and v["shape"] >= 0.4]
     best = meets[0] if meets else 7.5
     # the same prompts with another seed set: how far the bar holds beyond the seeds it is defined on
     other = check(pipe, scenes, steps=25, seed=100, guidance_scale=best)
@@ -511,7 +512,7 @@ def make_card(args) -> None:
     state = json.loads((d / "training.json").read_text())
     state["final_check"] = {"prompts": res.images, "background": res.background_accuracy,
                             "shape": res.shape_accuracy, "sampler": "PNDM (pipeline default)", "steps": 25,
-                            "cfg": 7.5, "guidance_sweep": sweep, "recommended_cfg": best,
+                            "cfg": 7.5, "guidance_sweep": sweep, "meets_bar_at": meets, "recommended_cfg": best,
                             "other_seeds": {"seeds": "100..159", "cfg": best, "background": other.background_accuracy,
                                             "shape": other.shape_accuracy}}
     (d / "training.json").write_text(json.dumps(state, indent=2))
@@ -534,12 +535,12 @@ def card_text(family: str, state: dict, vae: dict, size_mb: float, scenes) -> st
     prompts = "\n".join(f"{i + 1}. {s.caption()}" for i, s in enumerate(scenes))
     sweep = fc.get("guidance_sweep", {})
     sweep_rows = "\n".join(f"| {k} | {v['background']:.0%} | {v['shape']:.0%} |" for k, v in sweep.items())
-    meets = [k for k, v in sweep.items() if v["background"] >= 0.8 and v["shape"] >= 0.4]
+    meets = fc.get("meets_bar_at", [])
     o = fc.get("other_seeds")
     other_seeds = (f" With seeds {o['seeds']} instead (same prompts, CFG {o['cfg']}): background {o['background']:.0%}, "
                    f"shape {o['shape']:.0%} -- the spread of a 60-image check." if o else "")
-    verdict = (f"The acceptance bar (background >= 80 %, shape >= 40 %) is met at CFG {', '.join(meets)}: use "
-               f"`--cfg-scale {meets[0]}` with this model." if meets else
+    verdict = (f"The acceptance bar (background >= 80 %, shape >= 40 %) is met at CFG "
+               f"{', '.join(map(str, meets))}: use `--cfg-scale {meets[0]}` with this model." if meets else
                "No guidance scale in the sweep meets the acceptance bar (background >= 80 %, shape >= 40 %) yet.")
     text_desc = "random, frozen CLIPTextModel (token-embedding std 1)"
     if state.get("text_legs"):

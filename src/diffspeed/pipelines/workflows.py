@@ -135,7 +135,7 @@ def upscale_images(images: list[Image.Image], size: tuple[int, int], mode: str) 
 
 
 # ------------------------------------------------------------------------------------------------ ControlNet
-SHIPPED_CONTROLNETS = ("tiny-sd-controlnet-mask", "tiny-sdxl-controlnet-mask")
+SHIPPED_CONTROLNETS = {"tiny-sd-controlnet-mask": "sd", "tiny-sdxl-controlnet-mask": "sdxl"}  # name -> family
 
 
 def controlnet_dir(spec: str | Path) -> Path:
@@ -144,8 +144,8 @@ def controlnet_dir(spec: str | Path) -> Path:
 
     path = MODELS_DIR / str(spec) if str(spec) in SHIPPED_CONTROLNETS else Path(spec).expanduser()
     if not (path / "config.json").is_file():
-        hint = (f" (not in this install: tools/train_tiny_extras.py controlnet --family {str(spec).split('-')[1]} "
-                f"trains it there)" if str(spec) in SHIPPED_CONTROLNETS else "")
+        hint = (f" (not in this install: tools/train_tiny_extras.py controlnet --family "
+                f"{SHIPPED_CONTROLNETS[str(spec)]} trains it there)" if str(spec) in SHIPPED_CONTROLNETS else "")
         raise DiffspeedError(f"controlnet: no diffusers ControlNetModel folder (with config.json) at {path}{hint}; "
                              f"give such a folder or a shipped name: {', '.join(SHIPPED_CONTROLNETS)}",
                              field="controlnet")
