@@ -7,8 +7,12 @@ converted; the result must load through ``diffspeed.load`` and draw the same ima
 
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import diffspeed
 from diffspeed.cli import main
-from diffspeed.errors import DiffspeedError
-from diffspeed.pipelines.convert import _keep_global_step, convert_checkpoint
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
+from diffspeed.pipelines import single_file
+from diffspeed.pipelines.convert import _keep_global_step, _nbytes, _split, convert_checkpoint
 from diffspeed.pipelines.load import shipped_path
 from diffspeed.pipelines.single_file import export_single_file
 
@@ -205,9 +210,11 @@ def test_malicious_pickle_is_refused_and_never_run(how, writer, tmp_path):
     assert live.exists()
     marker = tmp_path / "pwned"
     src = _malicious(tmp_path / "evil.ckpt", marker, how, writer)
-    with pytest.raises(DiffspeedError, match="refused.*nothing in it was run") as err:
+    called = "posix.system" if how == "os.system" else "io.open"  # where pickle finds each function
+    with pytest.raises(DiffspeedError, match=rf"would call {called}, so it was refused \(nothing in it was run") as err:
         convert_checkpoint(src, tmp_path / "out.safetensors")
     assert err.value.field == "checkpoint" and "\n" not in str(err.value)
+    assert "weights_only" not in str(err.value) and "()" not in str(err.value)
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 
@@ -255,6 +262,161 @@ def test_failed_verification_leaves_no_file(exported, tmp_path):
         convert_checkpoint(exported[0], tmp_path / "out.safetensors")
     assert err.value.field == "config_dir"
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+
+def _self_referencing(path, *, cycle: int = 1, depth: int = 0):
+    """A dict whose ``state_dict`` chain returns to itself after ``cycle`` steps (the unpickler's memo makes
+    that a ~1.5 KB file), or, with ``depth``, a chain of that many honest wrappers."""
+    levels = [{UNET + "out.2.bias": torch.zeros(4), "global_step": 1} for _ in range(max(cycle, depth))]
+    for outer, inner in zip(levels, levels[1:]):
+        outer["state_dict"] = inner
+    if not depth:
+        levels[-1]["state_dict"] = levels[0]
+    torch.save(levels[0], path)
+    return path
+
+
+@pytest.mark.parametrize(("cycle", "depth", "match"), [
+    (1, 0, "state_dict contains itself"), (3, 0, "state_dict contains itself"), (0, 9, "more than 8 times")])
+def test_self_referencing_checkpoint_is_refused_at_once(cycle, depth, match, tmp_path):
+    src = _self_referencing(tmp_path / "loop.ckpt", cycle=cycle, depth=depth)
+    assert src.stat().st_size < 4000
+    start = time.perf_counter()
+    with pytest.raises(DiffspeedError, match=f"checkpoint: loop.ckpt is not a plain weights file: .*{match}") as err:
+        convert_checkpoint(src, tmp_path / "out.safetensors")
+    assert time.perf_counter() - start < 1.0
+    assert err.value.field == "checkpoint" and "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["loop.ckpt"]
+
+
+def test_self_referencing_vae_is_refused(exported, tmp_path):
+    vae = _self_referencing(tmp_path / "vae.ckpt")
+    with pytest.raises(DiffspeedError, match="vae: vae.ckpt .*contains itself") as err:
+        convert_checkpoint(exported[0], tmp_path / "out.safetensors", vae=vae, config_dir=CONFIG)
+    assert err.value.field == "vae"
+
+
+def test_eight_honest_wrappers_are_still_read(tmp_path):
+    """The bound is far above what trainers write (one or two levels), and the innermost weights win."""
+    src = _self_referencing(tmp_path / "deep.ckpt", depth=8)
+    with pytest.raises(DiffspeedError, match="no VAE weights"):  # read through all 8, then judged as weights
+        convert_checkpoint(src, tmp_path / "out.safetensors")
+
+
+def test_cyclic_and_shared_extras_are_measured_once(tmp_path):
+    """Trainer extras are only measured and dropped, but the walk must survive what the memo can build."""
+    tensor = torch.zeros(10)
+    looped = [tensor]
+    looped.append(looped)
+    shared = [tensor]
+    for _ in range(100):  # 2**100 paths to one tensor
+        shared = [shared, shared]
+    path = tmp_path / "extras.ckpt"
+    torch.save({"looped": looped, "shared": shared, "mapping": {"a": looped, "b": (tensor, tensor)}}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["looped"][1] is loaded["looped"]  # torch keeps the cycle
+    start = time.perf_counter()
+    assert _nbytes(loaded) == 40 and _nbytes(loaded["shared"]) == 40
+    assert time.perf_counter() - start < 1.0
+
+
+def test_tensors_under_non_text_keys_are_extras():
+    inner = {UNET + "x": torch.zeros(1), 3: torch.zeros(2)}
+    weights, extras = _split([{"state_dict": inner, "epoch": 1}, inner])
+    assert list(weights) == [UNET + "x"] and set(extras) == {3, "epoch"}
+
+
+@pytest.mark.parametrize(("protocol", "called"), [(2, "eval"), (4, "builtins.eval"), (5, "builtins.eval")])
+def test_refusal_names_what_would_be_called(protocol, called, tmp_path):
+    """Protocol 4+ pickles are refused for their framing before torch reaches the global; the opcodes say."""
+    marker = tmp_path / "ran"
+    src = tmp_path / "evil.pt"
+    payload = _Payload(builtins.eval, (f"open({str(marker)!r}, 'w')",))
+    src.write_bytes(pickle.dumps({"state_dict": {UNET + "x": 1.0}, "hparams": payload}, protocol=protocol))
+    with pytest.raises(DiffspeedError, match=rf"would call {called}, so it was refused") as err:
+        convert_checkpoint(src, tmp_path / "out.safetensors")
+    assert "weights_only" not in str(err.value) and "()" not in str(err.value) and not marker.exists()
+
+
+def test_a_plain_text_file_is_not_a_pickle(tmp_path):
+    src = tmp_path / "notes.ckpt"
+    src.write_text("not a pickle at all")
+    with pytest.raises(DiffspeedError, match=r"byte 0x6e is no pickle opcode: not a pickle") as err:
+        convert_checkpoint(src, tmp_path / "out.safetensors")
+    assert "weights_only" not in str(err.value)
+
+
+def test_cli_refuses_a_self_referencing_checkpoint_in_one_line(tmp_path, capsys):
+    src = _self_referencing(tmp_path / "loop.ckpt")
+    rc = main(["convert", str(src), str(tmp_path / "out.safetensors")])  # (timed above, without CLI imports)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "contains itself" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+def _read_only(monkeypatch, *, mkdir: bool = False):
+    """A read-only file system as root sees it (chmod stops nothing): every write fails with EROFS, and so
+    does unlink, even of a file that is not there -- the cleanup error that used to mask the real one."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def refuse_save(tensors, filename, metadata=None):  # what safetensors really raises
+        raise Exception(f'Error while serializing: I/O error: Read-only file system (os error 30) at path '
+                        f'"{filename}"')
+
+    monkeypatch.setattr(single_file, "save_file", refuse_save)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    if mkdir:
+        monkeypatch.setattr(Path, "mkdir", refuse)
+
+
+def test_read_only_output_folder_is_one_line_naming_the_cause(exported, tmp_path, monkeypatch):
+    out = tmp_path / "out.safetensors"
+    _read_only(monkeypatch)
+    with pytest.raises(DiffspeedRuntimeError) as err:
+        convert_checkpoint(exported[0], out, config_dir=CONFIG)
+    assert str(err.value) == f"output: cannot write {out}: Read-only file system"
+    assert err.value.field == "output" and err.value.exit_code == 1
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_parent_of_new_folders(exported, tmp_path, monkeypatch):
+    out = tmp_path / "new" / "deep" / "out.safetensors"
+    _read_only(monkeypatch, mkdir=True)
+    with pytest.raises(DiffspeedRuntimeError, match=f"^output: cannot write {out}: Read-only file system$"):
+        convert_checkpoint(exported[0], out, config_dir=CONFIG)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs, which refuses new files")
+def test_really_unwritable_output_folder(exported):
+    """A real kernel refusal (sysfs refuses new files even to root), for the path that is not simulated."""
+    out = Path("/sys/kernel/diffspeed-test/out.safetensors")
+    with pytest.raises(DiffspeedRuntimeError, match=f"^output: cannot write {out}: ") as err:
+        convert_checkpoint(exported[0], out, config_dir=CONFIG)
+    assert "\n" not in str(err.value) and not out.parent.exists()
+
+
+def test_failed_convert_removes_only_the_folders_it_made(exported, tmp_path):
+    """Verification fails (full-size configs for a tiny model): new/deep/ go, the folder that was there stays."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DiffspeedError, match="verification failed"):
+        convert_checkpoint(exported[0], tmp_path / "kept" / "new" / "deep" / "out.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_convert_into_new_folders(exported, tmp_path):
+    out = tmp_path / "new" / "deep" / "out.safetensors"
+    convert_checkpoint(exported[0], out, config_dir=CONFIG)
+    assert [p.name for p in out.parent.iterdir()] == ["out.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------- VAE baking

@@ -9,9 +9,15 @@ built on the meta device.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import pickle
 import shutil
 import socket
+import tempfile
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffspeed.errors import DiffspeedError
+import diffspeed
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
+from diffspeed.pipelines import single_file
 from diffspeed.pipelines.single_file import (
     CONFIG_ROOT,
     clip_tokenizer,
@@ -232,6 +240,30 @@ def test_export_refuses_to_overwrite(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no partial file left behind
 
 
+def _refuse_erofs(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def test_export_to_a_read_only_folder_is_one_line(tiny, tmp_path, monkeypatch):
+    """On a read-only file system even unlink of a missing file fails (EROFS); that must not mask the cause."""
+    path = tmp_path / "new" / "model.safetensors"
+    monkeypatch.setattr(single_file, "save_file", _refuse_erofs)
+    monkeypatch.setattr(Path, "unlink", _refuse_erofs)
+    with pytest.raises(DiffspeedRuntimeError) as err:
+        export_single_file(tiny["sd15"][0], path)
+    assert str(err.value) == f"path: cannot write {path}: Read-only file system" and err.value.exit_code == 1
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # the folder made for it is gone too
+
+
+def test_allowed_pickle_with_a_read_only_temp_folder(tiny, tmp_path, monkeypatch):
+    path = _write_pickle(tiny["sd15"][0], tmp_path / "model.ckpt")
+    monkeypatch.setattr(tempfile, "mkdtemp", _refuse_erofs)
+    with pytest.raises(DiffspeedRuntimeError, match="^path: cannot stage model.ckpt as safetensors in the temp "
+                                                    "folder: Read-only file system"):
+        load_single_file(path, config_dir=tiny["sd15"][1], allow_pickle=True)
+
+
 def test_export_rejects_other_suffixes(tiny, tmp_path):
     with pytest.raises(DiffspeedError, match=r"\.safetensors"):
         export_single_file(tiny["sd15"][0], tmp_path / "model.ckpt")
@@ -294,8 +326,60 @@ def test_pickle_with_python_objects_is_not_unpickled(tiny, tmp_path):
     path = tmp_path / "trainer.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)},
                 "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
-    with pytest.raises(DiffspeedError, match=r"not a readable checkpoint: .*argparse\.Namespace"):
+    with pytest.raises(DiffspeedError, match=r"^checkpoint trainer.ckpt is not a plain weights file: loading it "
+                       r"would call argparse\.Namespace, so it was refused \(nothing in it was run\)$"):
         load_single_file(path, allow_pickle=True)
+
+
+class _Payload:
+    """Unpickling this runs ``call(*args)``: what a malicious checkpoint does."""
+
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the payload uses touch")
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_allowed_pickle_that_would_call_os_system_says_so(protocol, tmp_path):
+    """Before, protocol 5 gave "stores Python objects besides tensors ()": empty, and no word of what ran."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    obj = {"state_dict": {"model.diffusion_model.x": [0.0]}, "callbacks": _Payload(os.system, (f"touch {marker}",))}
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    with pytest.raises(DiffspeedError, match=r"would call posix\.system, so it was refused") as err:
+        load_single_file(path, allow_pickle=True)
+    message = str(err.value)
+    assert "()" not in message and "weights_only" not in message and "\n" not in message
+    assert err.value.field == "path" and not marker.exists()
+
+
+def _looped(path):
+    """~1.5 KB: a dict that is its own state_dict (the unpickler's memo allows it)."""
+    state = {"model.diffusion_model.out.2.bias": torch.zeros(4)}
+    state["state_dict"] = state
+    torch.save(state, path)
+    return path
+
+
+def test_self_referencing_pickle_is_refused_at_once(tmp_path):
+    path = _looped(tmp_path / "loop.ckpt")
+    start = time.perf_counter()
+    with pytest.raises(DiffspeedError, match="^checkpoint loop.ckpt is not a plain weights file: its state_dict "
+                                             "contains itself") as err:
+        load_single_file(path, allow_pickle=True)
+    assert time.perf_counter() - start < 1.0 and err.value.field == "path"
+
+
+def test_self_referencing_pickle_through_diffspeed_load(tmp_path):
+    """The path ``generate --allow-pickle`` takes."""
+    path = _looped(tmp_path / "loop.ckpt")
+    start = time.perf_counter()
+    with pytest.raises(DiffspeedError, match="contains itself"):
+        diffspeed.load(path, device="cpu", allow_pickle=True)
+    assert time.perf_counter() - start < 1.0
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -307,12 +391,16 @@ def test_missing_file(tmp_path):
     assert err.value.field == "path"
 
 
-@pytest.mark.parametrize("name", ["junk.safetensors", "junk.ckpt"])
-def test_garbage_file(tmp_path, name):
+@pytest.mark.parametrize(("name", "match"), [
+    ("junk.safetensors", "not a readable checkpoint: "),
+    ("junk.ckpt", r"^checkpoint junk.ckpt is not a readable checkpoint: not a torch.save file or a pickle \("),
+])
+def test_garbage_file(tmp_path, name, match):
     path = tmp_path / name
     path.write_bytes(b"this is not a checkpoint at all" * 10)
-    with pytest.raises(DiffspeedError, match="not a readable checkpoint: "):
+    with pytest.raises(DiffspeedError, match=match) as err:
         load_single_file(path, allow_pickle=True)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
 
 
 def test_unknown_keys(tmp_path):

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffspeed.errors import DiffspeedError
 from diffspeed.pipelines.load import SINGLE_FILE_SUFFIXES
@@ -35,6 +34,9 @@ from diffspeed.pipelines.single_file import (
     detect_family,
     load_single_file,
     original_state_dict,
+    read_weights_pickle,
+    save_tensors,
+    write_beside,
 )
 
 EMA_PREFIX = "model_ema."
@@ -48,8 +50,6 @@ LOSS_PREFIXES = ("loss.", VAE_PREFIX + "loss.")
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # diffusers-layout VAE names (the original layout says ``down.N.block`` / ``up.N.block``).
 _DIFFUSERS_VAE = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks|encoder\.mid_block|decoder\.mid_block)\.")
-# The pickle opcodes / globals torch's weights-only unpickler names when it refuses a file.
-_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
     _check_paths(src, dst, force)
     if vae is not None and not Path(vae).expanduser().is_file():  # before the (possibly long) read of src
         raise DiffspeedError(f"vae: no such file: {vae}", field="vae")
-    raw, metadata = read_checkpoint(src, "checkpoint")
-    state, extras = _split(raw)
+    levels, metadata = read_checkpoint(src, "checkpoint")
+    state, extras = _split(levels)
     try:
         family = detect_family(_with_step(state, extras.get("global_step")))
     except DiffspeedError as err:
@@ -129,65 +129,37 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: Path, what: str) -> tuple[dict, dict[str, str]]:
-    """The file's top-level mapping and safetensors metadata; pickles via ``weights_only`` only."""
+def read_checkpoint(path: Path, what: str) -> tuple[list[Mapping], dict[str, str]]:
+    """The file's top-level mapping and each one nested under ``state_dict`` (outermost first), and its
+    safetensors metadata; pickles are read with ``weights_only`` only, and every walk is bounded."""
     try:
         pickled = _is_pickle(path)
     except OSError as err:
         raise DiffspeedError(f"{what}: cannot read {path}: {err.strerror or err}", field=what) from err
-    if not pickled:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
-        except Exception as err:  # safetensors raises its own error types for every kind of bad file
-            raise DiffspeedError(f"{what}: not a readable checkpoint: {_first_line(err)} ({path})",
-                                 field=what) from err
+    if pickled:
+        return read_weights_pickle(path, f"{what}: {path.name}", what), {}
     try:
-        with warnings.catch_warnings():  # "pickle protocol N" notes from the weights-only unpickler
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refusals, corrupt archives, truncated files
-        raise DiffspeedError(f"{what}: {path.name} {_refusal(err)}", field=what) from err
-    if not isinstance(obj, Mapping):
-        raise DiffspeedError(f"{what}: not a readable checkpoint: it holds a {type(obj).__name__}, not a state "
-                             f"dict ({path})", field=what)
-    return dict(obj), {}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return [load_file(str(path))], metadata
+    except Exception as err:  # safetensors raises its own error types for every kind of bad file
+        raise DiffspeedError(f"{what}: not a readable checkpoint: {_first_line(err)} ({path})",
+                             field=what) from err
 
 
-def _refusal(err: BaseException) -> str:
-    """One line out of torch's page of weights-only advice (which suggests ``weights_only=False``: never)."""
-    text = str(err)
-    if (match := _BLOCKED_GLOBAL.search(text)) is not None:
-        return (f"is not a plain weights file: loading it would call {match.group(1)}, so it was refused "
-                "(nothing in it was run)")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0].strip()
-            reason = reason or (lines[i + 1] if i + 1 < len(lines) else "unknown")
-            return (f"is not a plain weights file: weights-only loading refused it ({reason}); nothing in it "
-                    "was run")
-    return f"is not a readable checkpoint: {_first_line(err)}"
-
-
-def _split(raw: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """(weights, everything else) from a dict possibly wrapped (repeatedly) in ``state_dict``."""
+def _split(levels: list[Mapping]) -> tuple[dict[str, torch.Tensor], dict[object, object]]:
+    """(weights, everything else) from the levels of a checkpoint; an outer level's extras win."""
     weights: dict[str, torch.Tensor] = {}
-    extras: dict[str, object] = {}
-    obj = raw
-    while True:
-        inner = obj.get("state_dict")
-        for key, value in obj.items():
+    extras: dict[object, object] = {}
+    for level in levels:
+        for key, value in level.items():
             if key == "state_dict" and isinstance(value, Mapping):
                 continue
-            if isinstance(value, torch.Tensor) and key not in TRAINING_KEYS:
+            if isinstance(value, torch.Tensor) and isinstance(key, str) and key not in TRAINING_KEYS:
                 weights[key] = value
-            else:
+            else:  # a tensor under a non-text key has no name safetensors could store: it goes with the extras
                 extras.setdefault(key, value)
-        if not isinstance(inner, Mapping):
-            return weights, extras
-        obj = inner
+    return weights, extras
 
 
 def _with_step(state: Mapping, step) -> Mapping:
@@ -198,13 +170,21 @@ def _with_step(state: Mapping, step) -> Mapping:
 
 
 def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, Mapping):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+    """Tensor bytes in ``value`` and the containers under it, each object counted once: the unpickler's memo
+    lets a crafted file hold a list that contains itself, or 2**100 paths to one tensor."""
+    total, seen, todo = 0, set(), [value]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, Mapping):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo.extend(item)
+    return total
 
 
 def _prune(state: dict[str, torch.Tensor], dropped: list) -> None:
@@ -220,7 +200,7 @@ def _keep_global_step(state: dict, extras: dict, family: str, dropped: list, pru
     step = extras.pop("global_step", None)
     for key, value in extras.items():
         reason = "training-state" if key in TRAINING_KEYS else "non-tensor"
-        dropped.append((key, reason, _nbytes(value)))
+        dropped.append((str(key), reason, _nbytes(value)))
     if step is None:
         return
     as_tensor = _step_tensor(step)
@@ -337,23 +317,19 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
 
 
 def _write(state: dict, metadata: dict, src: Path, dst: Path, *, force: bool, verify: bool, config_dir) -> None:
-    """Write beside ``dst`` under a ``.safetensors`` name (diffusers picks its reader by suffix), verify, rename."""
+    """Write beside ``dst``, verify, rename (:func:`write_beside`: a failure leaves neither file nor new folder)."""
     tensors = _untied({k: t.contiguous() for k, t in state.items()})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.with_name(f".{dst.stem}.{os.getpid()}.partial.safetensors")
-    try:
-        save_file(tensors, str(partial), metadata={**metadata, "format": "pt"})
-        del tensors
+
+    def write(partial: Path) -> None:
+        save_tensors(tensors, partial, {**metadata, "format": "pt"})
+        tensors.clear()  # the verification load needs the memory more
         if verify:
             verify_checkpoint(partial, config_dir=config_dir, shown_as=dst.name)
         if dst.exists() and not force:  # appeared while we worked
             raise DiffspeedError(f"output: {dst} already exists; pass --force (force=True) to replace it",
                                  field="output")
-        os.replace(partial, dst)
-    except OSError as err:
-        raise DiffspeedError(f"output: cannot write {dst}: {err.strerror or err}", field="output") from err
-    finally:
-        partial.unlink(missing_ok=True)
+
+    write_beside(dst, write, field="output")
 
 
 def verify_checkpoint(path: str | Path, *, config_dir=None, shown_as: str = "") -> None:

@@ -15,10 +15,16 @@ Families: ``sd15``, ``sd2`` (768 px, v-prediction), ``sd2-base`` (512 px, epsilo
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
+import pickletools
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
 
@@ -26,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffspeed.errors import DiffspeedError
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 from diffspeed.pipelines.load import parse_dtype
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -72,6 +78,19 @@ _HF_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|b
 # Extra copies of to_q/to_k/to_v that ``fuse_qkv_projections()`` adds beside the originals.
 _FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.")
 
+# Trainers wrap the weights in ``state_dict`` once or twice; a file nesting them deeper is no checkpoint.
+MAX_WRAPPING = 8
+# The globals torch's weights-only unpickler names when it refuses a file ("GLOBAL posix.system").
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# Reading a refused pickle's opcodes to name what it would call: the pickle part of a checkpoint is small
+# (tensor data sits beside it in the zip, or after it), so a bounded prefix and op count are enough.
+_SCAN_BYTES = 64 << 20
+_SCAN_OPS = 1_000_000
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+_OPCODE_NAMES = {op.code: op.name for op in pickletools.opcodes}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's refusal bolds its "only if you trust the source" advice
+
 
 # --------------------------------------------------------------------------------------------- export
 
@@ -92,14 +111,63 @@ def export_single_file(pipe, path: str | Path, *, dtype=None, overwrite: bool = 
     if any(t.is_meta for t in tensors.values()):
         raise DiffspeedError("the pipeline has weights on the meta device (never loaded); nothing to export")
     tensors = _untied({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_beside(path, lambda partial: save_tensors(tensors, partial, {"format": "pt"}), field="path")
     return path
+
+
+def write_beside(dst: Path, write: Callable[[Path], None], *, field: str) -> None:
+    """Safe write: ``write(partial)`` fills a temporary file in ``dst``'s folder, renamed onto ``dst`` only once
+    ``write`` returns (so it may verify the file first); ``dst`` is never half written.
+
+    On any failure the temporary file goes, and so do the folders made here for ``dst`` (never ones that were
+    there before). An ``OSError`` becomes one :class:`DiffspeedRuntimeError` line naming ``dst`` and the real
+    cause (read-only file system, disk full): the cleanup's own errors never replace it.
+    """
+    made: list[Path] = []
+    # the temporary name keeps dst's suffix: diffusers picks its reader by suffix when write() verifies
+    partial = dst.with_name(f".{dst.stem}.{os.getpid()}.partial{dst.suffix}")
+    try:
+        made = _missing_folders(dst.parent)
+        for folder in reversed(made):  # outermost first
+            folder.mkdir(exist_ok=True)
+        write(partial)
+        os.replace(partial, dst)
+    except BaseException as err:
+        _remove_quietly(partial, made)
+        if isinstance(err, OSError):
+            raise DiffspeedRuntimeError(f"{field}: cannot write {dst}: {err.strerror or err}", field=field) from err
+        raise
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a ``SafetensorError`` carrying "os error 30")
+    are raised as the ``OSError`` they are, so callers can say "read-only file system"."""
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except Exception as err:  # SafetensorError is not an OSError subclass
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_quietly(partial: Path, folders: list[Path]) -> None:
+    """Best-effort cleanup after a failed write: on a read-only file system even ``unlink`` of a missing file
+    fails (EROFS), and that must not hide why the write failed. ``rmdir`` only removes empty folders."""
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def original_state_dict(pipe, *, dtype=None) -> dict[str, torch.Tensor]:
@@ -333,12 +401,19 @@ def load_single_file(path: str | Path, *, dtype=None, config_dir: str | Path | N
     family = detect_family(state if global_step is None else {**state, "global_step": global_step})
     # from_single_file wants a file: hand it the same tensors as safetensors, which it reads without
     # unpickling anything a second time.
-    with tempfile.TemporaryDirectory(prefix="diffspeed-") as tmp:
-        converted = Path(tmp) / f"{path.stem}.safetensors"
-        tensors = _untied({key: tensor.contiguous() for key, tensor in state.items()})
-        save_file(tensors, str(converted), metadata={"format": "pt"})
-        del state, tensors
-        return _build_pipeline(converted, family, config_dir, torch_dtype, shown_as=path.name)
+    tensors = _untied({key: tensor.contiguous() for key, tensor in state.items()})
+    del state
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix="diffspeed-")
+        with scratch as tmp:
+            converted = Path(tmp) / f"{path.stem}.safetensors"
+            save_tensors(tensors, converted, {"format": "pt"})
+            del tensors
+            return _build_pipeline(converted, family, config_dir, torch_dtype, shown_as=path.name)
+    except OSError as err:  # a full or read-only temp folder: say so, not a traceback
+        raise DiffspeedRuntimeError(f"path: cannot stage {path.name} as safetensors in the temp folder: "
+                                    f"{err.strerror or err} ({err.filename or tempfile.gettempdir()})",
+                                    field="path") from err
 
 
 def detect_family(state_dict: Mapping) -> str:
@@ -393,7 +468,7 @@ def _build_pipeline(checkpoint: Path, family: str, config_dir, torch_dtype, *, s
         if family == "sdxl-base":
             components.update(_sdxl_text_encoders(checkpoint, config, torch_dtype))
         pipe = pipeline_class.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
-                                               torch_dtype=torch_dtype, **components)
+                                               dtype=torch_dtype, **components)
     except DiffspeedError:
         raise
     except Exception as err:  # diffusers reports mismatches with many exception types; all mean "won't fit"
@@ -484,28 +559,155 @@ def _read_skeleton(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], object]:
+    """The innermost ``state_dict``'s named tensors, and the outermost ``global_step``."""
+    levels = read_weights_pickle(path, f"checkpoint {path.name}", "path")
+    weights = {k: v for k, v in levels[-1].items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return weights, levels[0].get("global_step")
+
+
+# -------------------------------------------------------------------------------- pickles, read safely
+
+
+def read_weights_pickle(path: Path, label: str, field: str) -> list[Mapping]:
+    """The pickle's top-level mapping and each mapping nested under ``state_dict``, outermost first.
+
+    Read with ``torch.load(weights_only=True)``, which refuses any object that is not a tensor or plain data
+    before building it, so nothing in the file runs. Every refusal is one line starting with ``label``.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt archive, foreign pickle, or objects weights_only refuses
-        reason = _pickle_failure(err)
-        raise DiffspeedError(f"not a readable checkpoint: {reason} ({path})", field="path") from err
+        with warnings.catch_warnings():  # "pickle protocol N" notes from the weights-only unpickler
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # refusals, corrupt archives, truncated files, hostile nesting
+        raise DiffspeedError(f"{label} {pickle_refusal(path, err)}", field=field) from err
     if not isinstance(obj, Mapping):
-        raise DiffspeedError(f"not a readable checkpoint: it holds a {type(obj).__name__}, not a state dict "
-                             f"({path})", field="path")
-    global_step = obj.get("global_step")
-    while isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, global_step
+        raise DiffspeedError(f"{label} is not a readable checkpoint: it holds a {type(obj).__name__}, not a "
+                             "state dict", field=field)
+    return state_dict_levels(obj, label, field)
 
 
-def _pickle_failure(err: BaseException) -> str:
-    """torch.load's weights-only refusal is a page of advice (including "set weights_only=False", which we
-    never do); keep the part that names the offending object."""
-    for line in str(err).splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0]
-            return f"it stores Python objects besides tensors ({reason.strip()}), which are not loaded"
-    return _first_line(err)
+def state_dict_levels(obj: Mapping, label: str, field: str) -> list[Mapping]:
+    """``obj`` and each mapping under its ``state_dict`` key, outermost first, at most ``MAX_WRAPPING`` deep.
+
+    The unpickler's memo lets a 1 KB file hold a dict that is its own ``state_dict``: an unbounded
+    ``while "state_dict" in obj`` walk follows it forever, so a repeat is refused at once.
+    """
+    levels: list[Mapping] = []
+    while isinstance(obj, Mapping):
+        if any(level is obj for level in levels):
+            raise DiffspeedError(f"{label} is not a plain weights file: its state_dict contains itself (a "
+                                 "crafted or corrupt file), so it was refused", field=field)
+        if len(levels) == MAX_WRAPPING:
+            raise DiffspeedError(f"{label} is not a plain weights file: its weights are wrapped in state_dict "
+                                 f"more than {MAX_WRAPPING} times, so it was refused", field=field)
+        levels.append(obj)
+        obj = obj.get("state_dict")
+    return levels
+
+
+def pickle_refusal(path: Path, err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, as one clause to follow the file's name.
+
+    A refusal names the global the file would have called: torch's message names it for protocol <= 3
+    pickles; for protocol 4+ (whose framing the weights-only unpickler rejects first) it is found by reading
+    the pickle's opcodes, which runs nothing. torch's page of advice ("re-run with weights_only=False") is
+    never repeated: that advice is exactly how a malicious checkpoint gets to run.
+    """
+    text = _ANSI.sub("", str(err))
+    names = _BLOCKED_GLOBAL.findall(text)[:1] or refused_globals(path)
+    if names:
+        return (f"is not a plain weights file: loading it would call {', '.join(names)}, so it was refused "
+                "(nothing in it was run)")
+    if text.startswith("Weights only load failed"):
+        return (f"is not a plain weights file: weights-only loading refused it ({_weights_only_detail(text)}); "
+                "nothing in it was run")
+    detail = f"{type(err).__name__}: {_first_line(err)}"
+    with contextlib.suppress(OSError), path.open("rb") as handle:
+        if handle.read(1) not in (b"\x80", b"P"):  # neither a pickle's PROTO opcode nor a torch.save zip
+            return f"is not a readable checkpoint: not a torch.save file or a pickle ({detail})"
+    return f"is not a readable checkpoint: {detail}"
+
+
+def _weights_only_detail(text: str) -> str:
+    """The line of torch's refusal that says what it met, without the advice around it."""
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    else:
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    if not lines:
+        return "unknown reason"
+    operand = re.fullmatch(r"Unsupported operand (\d+)", lines[0])
+    if operand is not None:
+        code = int(operand.group(1))
+        name = _OPCODE_NAMES.get(chr(code)) if code < 256 else None
+        return f"unsupported pickle opcode {name}" if name else f"byte {code:#04x} is no pickle opcode: not a pickle"
+    return lines[0]
+
+
+def refused_globals(path: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` globals (``module.name``) the file's pickle would import and call that torch's
+    weights-only unpickler does not allow, found by reading opcodes only. Best effort: [] when unreadable."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # private, hence the fallback
+
+        allowed = set(_get_allowed_globals()).__contains__
+    except Exception:  # a torch without it: at least never blame the tensor-rebuilding functions
+        allowed = re.compile(r"torch\.|collections\.OrderedDict$|_codecs\.encode$").match
+    found: list[str] = []
+    for name in _pickled_globals(_pickle_bytes(path)):
+        if not allowed(name) and name not in found:
+            found.append(name)
+            if len(found) == limit:
+                break
+    return found
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle inside a ``torch.save`` zip (``*/data.pkl``), else the file's start; bounded in size."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                handle.seek(0)
+                return handle.read(_SCAN_BYTES)
+            with zipfile.ZipFile(handle) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return b""
+                with archive.open(names[0]) as member:
+                    return member.read(_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):  # zipfile's errors for broken archives
+        return b""
+
+
+def _pickled_globals(data: bytes) -> Iterator[str]:
+    """Every ``module.name`` a pickle stream imports (GLOBAL, INST, STACK_GLOBAL), in order, without running it.
+
+    STACK_GLOBAL takes its two names from the stack, often through the memo, so the strings pushed and
+    memoized are tracked; the stack itself is not modelled. Legacy ``torch.save`` files hold several pickles
+    in a row (then raw tensor bytes, where the scan stops).
+    """
+    stream, ops = io.BytesIO(data), 0
+    while stream.tell() < len(data) and ops < _SCAN_OPS:
+        memo: dict[int, str | None] = {}
+        top: list[str | None] = [None, None]  # the last two values pushed, if they were strings
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                ops += 1
+                if op.name in ("GLOBAL", "INST"):
+                    yield str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and None not in top:
+                    yield f"{top[0]}.{top[1]}"
+                if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = top[1]
+                elif op.name not in ("FRAME", "PROTO", "STOP"):
+                    pushed = arg if op.name in _STRING_OPS else memo.get(arg) if op.name.endswith("GET") else None
+                    top = [top[1], pushed]
+                if ops >= _SCAN_OPS:
+                    return
+        except Exception:  # truncated or not a pickle (legacy files continue with raw bytes): done
+            return
 
 
 def _has_prefix(keys: Iterable[str], prefix: str) -> bool:
@@ -515,7 +717,10 @@ def _has_prefix(keys: Iterable[str], prefix: str) -> bool:
 def _global_step(state_dict: Mapping):
     step = state_dict.get("global_step")
     if isinstance(step, torch.Tensor):
-        return None if step.is_meta or step.numel() != 1 else int(step.item())
+        if step.is_meta or step.numel() != 1 or step.is_complex():
+            return None
+        value = step.item()
+        return int(value) if math.isfinite(value) else None  # a NaN step is no step, not a traceback
     return step
 
 
