@@ -1,4 +1,9 @@
-"""The one exception type diffspeed raises for bad input: it names the field, the value and what is allowed."""
+"""The one exception type diffspeed raises: it names the field, the value and what is allowed.
+
+``DiffspeedError`` is bad input (usage, validation, unknown names, hostile files): the CLI exits with 2.
+``DiffspeedRuntimeError`` is a failure while doing valid work (out of memory, a failed write, NaN output):
+the CLI exits with 1. Both print one line, never a traceback (unless ``--debug``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,17 @@ from __future__ import annotations
 class DiffspeedError(ValueError):
     """A user-facing error: ``str(err)`` is one clear line; ``field`` names the offending input if known."""
 
+    exit_code = 2
+
     def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class DiffspeedRuntimeError(DiffspeedError):
+    """Valid input, failed work: ``str(err)`` says what failed and what to try."""
+
+    exit_code = 1
 
 
 def check_range(field: str, value, lo, hi, *, kind: type = int) -> None:

@@ -62,10 +62,25 @@ class Accelerated:
         for opt in self.optimizations:  # the first applied ends up innermost
             call = opt.wrap_call(call)
         try:
-            return call(*args, **kwargs)
-        finally:
-            self.stats = dict(self.state.stats)
-            self.events = list(self.state.events)
+            out = call(*args, **kwargs)
+        except BaseException:  # errors and Ctrl-C too: nothing that lives for one call outlives it, and the
+            self._end_call(raise_errors=False)  # caller gets the call's own exception, not a cleanup's
+            raise
+        self._end_call(raise_errors=True)
+        return out
+
+    def _end_call(self, raise_errors: bool) -> None:
+        errors = []
+        for opt in reversed(self.optimizations):
+            try:
+                opt.end_call()
+            except Exception as err:  # keep ending the others
+                errors.append(err)
+        self._own.end_call()
+        self.stats = dict(self.state.stats)
+        self.events = list(self.state.events)
+        if errors and raise_errors:
+            raise errors[0]
 
     def check_workflows(self, workflows: list[str]) -> list[str]:
         """Raise :class:`RecipeError` if an applied optimization cannot run one of ``workflows``; return notes

@@ -1,21 +1,27 @@
 """Recorded changes: every edit an optimization makes pushes its own undo step.
 
 ``Edits.undo()`` replays the steps in reverse, so the pipeline ends bit-for-bit as it was: same tensors, same
-attention processor objects, same attributes (absent ones deleted again), same ``forward``.
+attention processor objects, same attributes (absent ones deleted again), same ``forward``, same hooks.
+
+Changes that live for one call (a hook that counts one pass, a ControlNet's wrappers) go into a
+:meth:`Edits.child` record: the child is undone when the call ends -- in a ``finally``, so a call that fails
+half-way leaves nothing behind -- and, as a step of its parent, again (a no-op by then) by ``remove()``.
+Per-call bookkeeping inside a hook (``around``'s pending outputs) is cleared by :meth:`Edits.end_call`, so a
+call aborted between a pre-hook and its post-hook leaves no stale entry for the next call to trip over.
 """
 
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from diffspeed._lazy import lazy_import
+from diffspeed.core.spill import make_spill_dir, remove_spill_dir
 from diffspeed.errors import DiffspeedError
+
+torch = lazy_import("torch")
 
 _MISSING = object()
 
@@ -24,18 +30,38 @@ class Edits:
     def __init__(self, owner: str = "optimization"):
         self.owner = owner
         self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._call_end: list[Callable[[], None]] = []  # per-call bookkeeping to clear when a call ends
 
     def __len__(self) -> int:
         return len(self._undo)
+
+    def __repr__(self) -> str:
+        return f"Edits({self.owner!r}: {', '.join(what for what, _ in self._undo) or 'nothing'})"
 
     def record(self, what: str, undo: Callable[[], None]) -> None:
         self._undo.append((what, undo))
 
     def undo(self) -> None:
+        self.end_call()
         while self._undo:
             _, step = self._undo[-1]
             step()  # if it raises, the step stays recorded and undo() can be retried
             self._undo.pop()
+
+    def child(self, what: str) -> Edits:
+        """A separate record for changes with a shorter life (one call, one pass); undoing this record undoes
+        the child too, so whatever the child still holds cannot outlive its parent."""
+        sub = Edits(f"{self.owner} ({what})")
+        self.record(what, sub.undo)
+        return sub
+
+    def on_call_end(self, clear: Callable[[], None]) -> None:
+        """Run ``clear`` whenever a call ends (normally or not): per-call bookkeeping of a recorded hook."""
+        self._call_end.append(clear)
+
+    def end_call(self) -> None:
+        for clear in self._call_end:
+            clear()
 
     # ------------------------------------------------------------------------------------------ edits
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
@@ -112,6 +138,7 @@ class Edits:
 
         self.forward_pre_hook(module, pre, with_kwargs=True)
         self.forward_hook(module, post)
+        self.on_call_end(pending.clear)  # a call that failed between pre and post must not leave its entry
 
     def set_attn_processors(self, model: torch.nn.Module, processors) -> None:
         """Swap a diffusers model's attention processors; undo puts the very same objects back."""
@@ -125,7 +152,8 @@ class Edits:
         exactly (a dtype round trip fp32 -> fp16 -> fp32 would not): in host memory, or with ``spill_dir`` in
         a folder of files there (``torch.save`` round-trips bits and strides), one per tensor, written as each
         is converted -- so the originals' memory is given back as the cast goes, never held twice."""
-        spill = Path(tempfile.mkdtemp(prefix="diffspeed-originals-", dir=spill_dir)) if spill_dir else None
+        # named for this pid: removed on exit and SIGTERM, swept by the next process if this one is killed
+        spill = make_spill_dir(spill_dir) if spill_dir else None
         saved = []
         try:
             for t in [*module.parameters(), *module.buffers()]:
@@ -154,7 +182,7 @@ def _restore(saved: list, spill: Path | None) -> None:
             original = torch.load(spill / f"{i}.pt", weights_only=True)
         t.data = original.to(device)
     if spill is not None:
-        shutil.rmtree(spill, ignore_errors=True)
+        remove_spill_dir(spill)
 
 
 def _same(a: Any, b: Any) -> bool:

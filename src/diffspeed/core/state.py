@@ -26,6 +26,18 @@ class RunState:
         self.stats.clear()
         self.events.clear()
 
+    def require_schedule(self, name: str, field: str) -> int:
+        """The schedule length, for an optimization that places itself by a fraction of it; one clear error
+        when this pipeline does not announce it (guessing would silently move the cut-off to step 0)."""
+        if self.total_steps <= 0:
+            from diffspeed.errors import DiffspeedError
+
+            kind = type(self.pipeline).__name__ if self.pipeline is not None else "this pipeline"
+            raise DiffspeedError(f"{name}: {kind} does not say how many denoiser calls it makes (no num_timesteps, "
+                                 f"no scheduler timesteps), so {name}.{field} cannot be placed; give a step index "
+                                 "instead of a fraction", field=field)
+        return self.total_steps
+
     @property
     def progress(self) -> float:
         """Fraction of the schedule done before the current call: 0 at the first call."""
@@ -33,7 +45,7 @@ class RunState:
 
     def begin_denoiser_call(self, pipe) -> None:
         self.step += 1
-        self.total_steps = int(getattr(pipe, "_num_timesteps", 0) or 0)
+        self.total_steps = schedule_length(pipe)
         self.cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
         self.stats["denoiser_calls"] += 1
 
@@ -42,3 +54,21 @@ class RunState:
         ``cfg``) is not counted as having evaluated it."""
         if self.cfg:
             self.stats["unconditional_evals"] += 1
+
+
+def schedule_length(pipe) -> int:
+    """Denoiser calls this run makes, from public API only: the pipeline's ``num_timesteps`` (set by diffusers'
+    pipelines when the loop starts, after img2img strength and ``denoising_end`` trimmed the schedule), else the
+    scheduler's timesteps from its ``begin_index`` on. 0 when neither is known."""
+    try:
+        n = pipe.num_timesteps
+    except AttributeError:  # a pipeline without the property, or one that has not set it this call
+        n = None
+    if isinstance(n, int) and n > 0:
+        return n
+    scheduler = getattr(pipe, "scheduler", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or not hasattr(timesteps, "__len__"):
+        return 0
+    begin = getattr(scheduler, "begin_index", None)
+    return max(0, len(timesteps) - (begin if isinstance(begin, int) else 0))

@@ -15,15 +15,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
-import torch
-from diffusers.models.attention_processor import (
-    AttnProcessor,
-    AttnProcessor2_0,
-    SlicedAttnProcessor,
-    XFormersAttnProcessor,
-)
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+
+torch = lazy_import("torch")
+processors = lazy_import("diffusers.models.attention_processor")
 
 _KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn": "CUDNN_ATTENTION"}
 
@@ -53,10 +49,10 @@ def _processors(model: torch.nn.Module, config: AttentionConfig) -> dict:
     for key in model.attn_processors:
         if config.backend == "sliced":
             heads = model.get_submodule(key.removesuffix(".processor")).heads
-            out[key] = SlicedAttnProcessor(config.slice_size or max(1, heads // 2))
+            out[key] = processors.SlicedAttnProcessor(config.slice_size or max(1, heads // 2))
         else:
-            out[key] = {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor}[
-                config.backend]()
+            kind = {"sdpa": "AttnProcessor2_0", "math": "AttnProcessor", "xformers": "XFormersAttnProcessor"}
+            out[key] = getattr(processors, kind[config.backend])()
     return out
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.core.tensors import map_tensors
+
+torch = lazy_import("torch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,16 +40,22 @@ class CfgCutoff(Optimization):
     noop = {"fraction": 1.0}
     example = {"fraction": 0.5}
 
-    def cutoff(self, total: int) -> int:
+    def cutoff(self, state: RunState) -> int:
+        """The first denoiser call without guidance; a fraction needs the schedule's length (never guessed:
+        an unknown length read as 0 would drop guidance from the first step)."""
         c = self.config
-        return c.step if c.step is not None else math.ceil(c.fraction * total - 1e-9)
+        if c.step is not None:
+            return c.step
+        if c.fraction >= 1.0:
+            return 2**62  # keeps guidance everywhere, whatever the length
+        return math.ceil(c.fraction * state.require_schedule(self.name, "fraction") - 1e-9)
 
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         edits.wrap_method(pipe.unet, "forward", self._forward)
 
     def _forward(self, inner, sample, *args, **kwargs):
         state = self.state
-        if not state.cfg or state.step < self.cutoff(state.total_steps):
+        if not state.cfg or state.step < self.cutoff(state):
             return inner(sample, *args, **kwargs)
         state.cfg = False
         state.stats["cfg_skipped_calls"] += 1

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+
+torch = lazy_import("torch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -31,10 +31,11 @@ import shutil
 import time
 import warnings
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.errors import DiffspeedError
+
+torch = lazy_import("torch")
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BACKENDS = ("inductor", "aot_eager", "eager")

@@ -29,14 +29,16 @@ import dataclasses
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from diffspeed._lazy import lazy_import
 from diffspeed.adapters import adapter_for
 from diffspeed.core import Edits, Optimization, RunState, param, register
 from diffspeed.core.guards import CachingConfig
 from diffspeed.core.unet_units import Unit, consumer_index, down_units, grid_at, n_branches, up_units
 from diffspeed.errors import DiffspeedError
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 SCHEDULES = ("uniform", "non-uniform")
 
@@ -147,9 +149,9 @@ def _placeholder(tpl, batch: int, tensor=None, real: bool = False):
     return type(tpl)(_placeholder(t, batch, x, real) for t, x in zip(tpl, first))
 
 
-def _macs_hooks(model, total: list[int], skipped: list[int], skipped_ids: set[int]) -> list:
-    """Forward hooks that add each conv / linear / attention product's multiply-accumulates to ``total`` (and
-    to ``skipped`` for modules in ``skipped_ids``)."""
+def _macs_hooks(edits: Edits, model, total: list[int], skipped: list[int], skipped_ids: set[int]) -> None:
+    """Forward hooks, recorded in ``edits``, that add each conv / linear / attention product's
+    multiply-accumulates to ``total`` (and to ``skipped`` for modules in ``skipped_ids``)."""
     from diffusers.models.attention_processor import Attention
 
     def add(module, n: int) -> None:
@@ -170,15 +172,13 @@ def _macs_hooks(model, total: list[int], skipped: list[int], skipped_ids: set[in
         lk = lq if ctx is None else ctx.shape[1]
         add(module, 2 * h.shape[0] * lq * lk * module.inner_dim)
 
-    handles = []
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
-            handles.append(m.register_forward_hook(conv))
+            edits.forward_hook(m, conv)
         elif isinstance(m, torch.nn.Linear):
-            handles.append(m.register_forward_hook(linear))
+            edits.forward_hook(m, linear)
         elif isinstance(m, Attention):
-            handles.append(m.register_forward_hook(attention, with_kwargs=True))
-    return handles
+            edits.forward_hook(m, attention, with_kwargs=True)
 
 
 def _resize_hw(hw, old_latent, new_latent) -> tuple[int, int]:
@@ -231,7 +231,7 @@ class _RunCache:
         self.cached = False  # the current UNet call runs the shallow path
         self.batch = 0
         self.counting: tuple[list[int], list[int]] | None = None  # MACs (all, skipped) of this full call
-        self.handles: list | None = None
+        self.counters: Edits | None = None  # the counting hooks, a per-call record (see Optimization.call_edits)
         self.latent: tuple[int, int] | None = None
         self.carry: _RunCache | None = None  # the previous pass's cache, for hires_reuse
         self.placeholders: dict[tuple, object] = {}
@@ -297,14 +297,13 @@ class DeepCache(Optimization):
         if index in run.decisions:
             return run.decisions[index]
         batch = sample.shape[0]
-        total = self.state.total_steps
         cached = False
         if index == 0 and run.carry is not None and run.carry.feature.shape[0] in (batch, 2 * batch):
             cached = self.config.caching_allowed(self.state, self.name)
-        elif index >= 0 and total > 0 and run.feature is not None:
+        elif index >= 0 and run.feature is not None and self.config.interval > 1:
             if self.config.caching_allowed(self.state, self.name):
-                if run.schedule is None:
-                    run.schedule = full_calls(total, self.config)
+                if run.schedule is None:  # start / end are fractions of the schedule: it must be known
+                    run.schedule = full_calls(self.state.require_schedule(self.name, "start"), self.config)
                 jump = self.config.max_timestep_jump
                 cached = (index not in run.schedule and run.feature.shape[0] in (batch, 2 * batch)
                           and not (jump and run.t is not None and run.last_full_t is not None
@@ -335,17 +334,18 @@ class DeepCache(Optimization):
             state.stats["deepcache_skipped_macs"] += skipped if run.cached else 0
         elif not run.cached:  # count this full call's MACs once per input shape
             run.counting = ([0], [0])
-            run.handles = _macs_hooks(self.pipe.unet, *run.counting, self._plan.skipped_ids)
+            # per call: if the UNet fails before _end, the call's end (or remove()) takes these hooks off
+            run.counters = self.call_edits.child("MAC counting")
+            _macs_hooks(run.counters, self.pipe.unet, *run.counting, self._plan.skipped_ids)
 
     def _end(self, module, args, out):
         run = self._run
-        if run.handles:
-            for h in run.handles:
-                h.remove()
+        if run.counters is not None:
+            run.counters.undo()
             total, skipped = run.counting[0][0], run.counting[1][0]
             self._macs[tuple(args[0].shape)] = (total, skipped)
             self.state.stats["deepcache_total_macs"] += total
-            run.handles = None
+            run.counters = None
         if not run.cached:
             run.last_full_t = run.t
         run.cached = False
@@ -392,7 +392,7 @@ class DeepCache(Optimization):
         branch = self.branch(self.pipe.unet)
         plan = _plan(cn, branch, with_up=False)
         skipped = plan.skipped + list(cn.controlnet_down_blocks[branch + 1:]) + [cn.controlnet_mid_block]
-        edits = Edits(f"{self.name} (ControlNet)")
+        edits = self.call_edits.child("ControlNet")
         state = {"cached": False}
 
         def begin(module, args, kwargs):

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.adapters import adapter_for
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.core.unet_units import attention_levels, grid_at
+
+torch = lazy_import("torch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+
+torch = lazy_import("torch")
 
 MODES = ("model", "sequential", "group")
 NO_CUDA = ("offload needs a CUDA device: it moves weights between GPU and CPU memory; on a CPU-only machine "

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, Optimization, RunState, param, register
 from diffspeed.core.guards import CachingConfig
+
+torch = lazy_import("torch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,14 +50,19 @@ class Tgate(Optimization):
     def _reset(self) -> None:
         self._cache: dict[int, torch.Tensor] = {}
 
-    def gate(self, total: int) -> int:
+    def gate(self, state: RunState) -> int:
+        """The first gated denoiser call; a fraction needs the schedule's length, which is never guessed."""
         c = self.config
-        return c.gate_step if c.gate_step is not None else math.ceil(c.gate_fraction * total - 1e-9)
+        if c.gate_step is not None:
+            return c.gate_step
+        if c.gate_fraction >= 1.0:
+            return 2**62  # never gates, whatever the length
+        return math.ceil(c.gate_fraction * state.require_schedule(self.name, "gate_fraction") - 1e-9)
 
     def _forward(self, key: int):
         def forward(inner, hidden_states, *args, **kwargs):
             state = self.state
-            gated = (state.step >= 0 and state.total_steps > 0 and state.step >= self.gate(state.total_steps)
+            gated = (state.step >= 0 and state.step >= self.gate(state)
                      and self.config.caching_allowed(state, self.name))
             cached = self._cache.get(key)
             if not gated or cached is None:  # before the gate (or a gate at call 0): attend, keep the latest

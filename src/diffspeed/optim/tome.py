@@ -9,6 +9,7 @@ unmerges the output), so no diffusers forward is copied and remove() drops the h
 
 ``max_downsample`` follows tomesd: merge in blocks whose latent is downsampled by at most this factor. The
 tomesd default of 1 does nothing on SDXL, whose first attention sits at downsample 2, so the default comes
+from diffspeed._lazy import lazy_import
 from the model family (diffspeed.adapters).
 """
 
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.adapters import adapter_for
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.core.unet_units import attention_levels, grid_at
 from diffspeed.optim.tome_merge import bipartite_merge, partition, unmerge
+
+torch = lazy_import("torch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

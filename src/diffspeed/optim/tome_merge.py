@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from diffspeed._lazy import lazy_import
+
+torch = lazy_import("torch")
+
 
 
 @dataclass
