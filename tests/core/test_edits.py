@@ -54,3 +54,38 @@ def test_retensor_restores_exact_values_after_lossy_cast():
     assert m.weight.dtype == torch.float16
     e.undo()
     assert m.weight.dtype == torch.float32 and torch.equal(m.weight.data, w)
+
+
+def test_child_record_is_undone_early_and_again_by_its_parent():
+    m = torch.nn.Linear(2, 2)
+    parent = Edits("parent")
+    child = parent.child("one call")
+    child.forward_hook(m, lambda *_: None)
+    child.forward_pre_hook(m, lambda *_: None)
+    assert (len(m._forward_hooks), len(m._forward_pre_hooks)) == (1, 1)
+    child.undo()  # the call ended
+    assert (len(m._forward_hooks), len(m._forward_pre_hooks)) == (0, 0)
+    child.forward_hook(m, lambda *_: None)  # the next call, which fails and never ends itself
+    parent.undo()
+    assert len(m._forward_hooks) == 0 and len(parent) == 0
+
+
+def test_around_forgets_a_call_that_failed_between_pre_and_post():
+    class Boom(Exception):
+        pass
+
+    inner = torch.nn.Linear(2, 2)
+    edits = Edits("t")
+    seen = []
+    edits.around(inner, lambda x, kw: (x * 2, lambda out: seen.append("after") or out))
+    fail = inner.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(Boom()))  # after pre, before post
+    with pytest.raises(Boom):
+        inner(torch.ones(1, 2))
+    fail.remove()
+    pending = edits._call_end[0].__self__  # around()'s list of outputs waiting for their post-hook
+    assert len(pending) == 1
+    edits.end_call()
+    assert len(pending) == 0
+    out = inner(torch.ones(1, 2))
+    assert seen == ["after"] and out.shape == (1, 2)
+    edits.undo()
