@@ -1,9 +1,12 @@
+import os
 import subprocess
 import sys
 
 import pytest
 
+from diffspeed import cli
 from diffspeed.cli import main
+from diffspeed.errors import DiffspeedRuntimeError
 from diffspeed.pngmeta import read_parameters
 
 PROMPT = "a yellow star at center on a purple background"
@@ -98,4 +101,143 @@ def test_generate_with_a_preset_and_list_presets(tmp_path, capsys):
     listing = capsys.readouterr().out
     for name in ("quality", "balanced", "fastest", "low-vram-8gb", "low-vram-6gb", "low-vram-4gb"):
         assert f"{name}: " in listing
-    assert listing.count("    cuda: ") == 6 and listing.count("    cpu: ") == 6
+    assert listing.count("        recipe: ") == 6  # one recipe per preset, for this machine's hardware class
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffspeed: error: ") and "Traceback" not in err, err
+    return err
+
+
+def _failing_generate(monkeypatch, exc: BaseException):
+    def cmd_generate(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_generate", cmd_generate)
+
+
+@pytest.mark.parametrize(("exc", "code", "words"), [
+    (RuntimeError("boom\nsecond line"), 1, "RuntimeError: boom (run with --debug for the traceback)"),
+    (DiffspeedRuntimeError("write failed: disk full"), 1, "write failed: disk full"),
+    (MemoryError(), 1, "out of memory while generating; try --preset low-vram-6gb"),
+    (KeyError("x"), 1, "KeyError: 'x'"),
+])
+def test_runtime_failures_exit_1_with_one_line(tmp_path, capsys, monkeypatch, exc, code, words):
+    _failing_generate(monkeypatch, exc)
+    assert main(["generate", PROMPT, "--out", str(tmp_path)]) == code
+    assert words in _one_line(capsys)
+
+
+def test_torch_out_of_memory_names_a_preset_that_fits(tmp_path, capsys, monkeypatch):
+    import torch
+
+    _failing_generate(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert main(["generate", PROMPT, "--out", str(tmp_path)]) == 1
+    err = _one_line(capsys)
+    assert "out of memory while generating" in err and "low-vram-6gb" in err and "--width" in err
+
+
+def test_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
+    _failing_generate(monkeypatch, KeyboardInterrupt())
+    assert main(["generate", PROMPT, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "diffspeed: interrupted\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, where):
+    _failing_generate(monkeypatch, RuntimeError("boom"))
+    args = ["generate", PROMPT, "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", *args] if where == "before" else [*args, "--debug"])
+
+
+def test_bench_exits_1_when_an_entry_failed_and_still_writes_the_report(tmp_path, capsys, monkeypatch):
+    from diffspeed.bench import runner
+
+    def bench(model, *, out, **kwargs):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "report.md"), "w") as f:
+            f.write("# the report\n")
+        return {"entries": [{"name": "baseline", "status": "ok"}, {"name": "planted-crash", "status": "failed"}]}
+
+    monkeypatch.setattr(runner, "bench", bench)
+    out = tmp_path / "b"
+    assert main(["bench", "--out", str(out), "--quiet", "--preset", "quality", "--steps", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "# the report" in captured.out and (out / "report.md").exists()
+    assert captured.err.count("\n") == 1 and "1 bench entry failed: planted-crash" in captured.err
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "uncreatable"])
+def test_generate_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(cli, "cmd_generate", lambda args: pytest.fail("generated although --out is unusable"))
+    (tmp_path / "taken").write_text("keep me")
+    out = {"file": tmp_path / "taken", "under-a-file": tmp_path / "taken" / "sub",
+           "uncreatable": "/proc/diffspeed-out"}[case]
+    assert main(["generate", PROMPT, "--out", str(out)]) == 2
+    assert "out: " in _one_line(capsys) and (tmp_path / "taken").read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_generate_out_read_only_folder(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["generate", PROMPT, "--out", str(folder / "new")]) == 2
+        assert "cannot write" in _one_line(capsys)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_out_check_leaves_nothing_behind(tmp_path):
+    cli.check_out_dir(str(tmp_path / "a" / "b"), "out")
+    assert list(tmp_path.iterdir()) == []  # the folder is created by the save, not by the check
+
+
+def test_bench_out_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
+    taken = tmp_path / "report.txt"
+    taken.write_text("keep me")
+    assert main(["bench", "--out", str(taken), "--quiet"]) == 2
+    assert "is a file" in _one_line(capsys) and taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--device", "tpu"], "device must be one of cpu, cuda"),
+    (["--lora", "tiny-sd-lora-monochrome:abc"], "lora weight 'abc' is not a number"),
+    (["--recipe", "{bad_utf8}"], "byte offset 11"),
+    (["--recipe", "{nested}"], "nests brackets too deeply"),
+    (["--init-image", "{bomb}"], "init_image: "),
+    (["--init-image", "{bad_utf8}"], "init_image: cannot read"),
+])
+def test_hostile_and_malformed_input_is_one_line_exit_2(tmp_path, capsys, args, words):
+    from tests.pipelines.test_workflows import png_header
+
+    files = {"{bad_utf8}": tmp_path / "r.toml", "{nested}": tmp_path / "n.json", "{bomb}": tmp_path / "bomb.png"}
+    files["{bad_utf8}"].write_bytes(b'name = "caf\xe9"\n')
+    files["{nested}"].write_text("[" * 100_000)
+    files["{bomb}"].write_bytes(png_header(40_000, 40_000))
+    args = [str(files.get(a, a)) for a in args]
+    assert main(["generate", PROMPT, "--out", str(tmp_path / "out"), *args]) == 2
+    assert words in _one_line(capsys)
+
+
+def test_help_shows_defaults(capsys):
+    for command in ("generate", "bench", "convert", "presets", "optimizations"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert command == "presets" or command == "optimizations" or "(default: " in text, command
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: tiny-sd)" in text and "(default: outputs)" in text and "(default: 1)" in text
+    assert "else DPM++ 2M)" in text and "sampler steps, else 20)" in text
+
+
+def test_main_help_lists_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "130  interrupted" in out and "--debug" in out

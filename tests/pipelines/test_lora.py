@@ -142,11 +142,41 @@ def test_lora_for_another_architecture_is_refused(pipe, tiny_sdxl, tmp_path):
     assert err.value.field == "lora"
 
 
-def test_parse_lora_spec():
+def test_parse_lora_spec(tmp_path):
     assert parse_lora_spec("x.safetensors:0.5") == ("x.safetensors", 0.5)
     assert parse_lora_spec("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+    assert parse_lora_spec("C:\\loras\\x.safetensors") == ("C:\\loras\\x.safetensors", 1.0)
+    assert parse_lora_spec("C:\\loras\\x.safetensors:-0.5") == ("C:\\loras\\x.safetensors", -0.5)
+    assert parse_lora_spec("tiny-sd-lora-monochrome:.8") == ("tiny-sd-lora-monochrome", 0.8)
+    odd = tmp_path / "style:v2.safetensors"  # a colon in an existing file's name is part of the path
+    odd.write_bytes(b"")
+    assert parse_lora_spec(str(odd)) == (str(odd), 1.0)
     with pytest.raises(DiffspeedError):
         parse_lora_spec("x.safetensors:99")
+
+
+@pytest.mark.parametrize("weight", ["abc", "", "0.8x"])
+def test_a_weight_that_is_not_a_number_says_so(weight):
+    with pytest.raises(DiffspeedError, match=f"^lora weight '{weight}' is not a number") as err:
+        parse_lora_spec(f"tiny-sd-lora-monochrome:{weight}")
+    assert err.value.field == "lora"
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the monochrome LoRA is trained by tools/train_tiny_lora.py")
+def test_loading_the_shipped_lora_prints_no_peft_warning(pipe):
+    """peft warns (~5.7 KB) that the target-module names also match modules the LoRA has no weights for; that is
+    harmless and filtered where the LoRA loads -- no other warning is."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_lora(pipe, "tiny-sd-lora-monochrome", weight=0.8)
+    assert not [w for w in caught if "PEFT" in str(w.message)], [str(w.message)[:200] for w in caught]
+    with warnings.catch_warnings(record=True) as caught:  # the filter is gone after the load
+        warnings.simplefilter("always")
+        warnings.warn("While injecting the PEFT adapters, an inconsistency ... The PEFT config contained these "
+                      "additional target modules: ['x']. ", RuntimeWarning, stacklevel=1)
+    assert len(caught) == 1
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the monochrome LoRA is trained by tools/train_tiny_lora.py")

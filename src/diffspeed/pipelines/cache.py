@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError, check_range
 from diffspeed.pipelines.load import (
     DEFAULT_MODEL,
@@ -35,6 +34,8 @@ from diffspeed.pipelines.load import (
     resolve_dtype,
     shipped_path,
 )
+
+torch = lazy_import("torch")  # a cache can be made (e.g. by a server at start-up) before any model loads
 
 MAX_MODELS = 64
 

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
+import importlib
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError
+
+torch = lazy_import("torch")  # the CLI's help and validation paths read this module's names without torch
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SHIPPED = ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner")
 DEFAULT_MODEL = "tiny-sd"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # short name -> torch attribute
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps, xpu or xpu:N"
+_DEVICE = re.compile(r"cpu|mps|(?:cuda|xpu)(?::\d+)?")
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None:
         return None
     name = str(dtype).lower().removeprefix("torch.") if isinstance(dtype, str) else None
-    value = _DTYPES.get(name, getattr(torch, name, None)) if name is not None else dtype
+    value = getattr(torch, _DTYPES.get(name, name), None) if name is not None else dtype
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return value
     raise DiffspeedError(f"dtype must be fp32, fp16 or bf16 (or another floating-point torch dtype such as "
@@ -53,39 +60,72 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
     return parse_dtype(dtype)
 
 
+def check_device(device) -> str | None:
+    """``device`` as a string if it has one of the forms torch accepts here (``None`` stays ``None``: pick one);
+    a clear error otherwise. Needs no torch, so the CLI rejects ``--device tpu`` before loading anything."""
+    if device is None:
+        return None
+    text = str(device).strip()
+    if not _DEVICE.fullmatch(text):
+        raise DiffspeedError(f"device must be one of {DEVICE_FORMS}; got {str(device)!r}", field="device")
+    return text
+
+
 def resolve_device(device) -> str:
+    device = check_device(device)
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DiffspeedError(f"device {device!r} asked for, but no CUDA device is available; use cpu",
                              field="device")
     return device
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """Silence the libraries' loading chatter (progress bars, deprecation and optional-backend notices) for
-    a command-line run, whose stderr is kept for diffspeed's own one-line errors; restored afterwards."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+# inside a quiet_loading block: library name -> how to restore its logging state (filled by silence_libraries)
+_QUIET: contextvars.ContextVar[dict | None] = contextvars.ContextVar("diffspeed_quiet_loading", default=None)
 
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+
+@contextlib.contextmanager
+def quiet_loading(defer: bool = False):
+    """Silence the libraries' loading chatter (progress bars, deprecation and optional-backend notices) for
+    a command-line run, whose stderr is kept for diffspeed's own one-line errors; restored afterwards.
+
+    With ``defer``, diffusers and transformers are silenced now only if already imported, else when :func:`load`
+    first needs them (:func:`silence_libraries`): the CLI validates its input inside this block, and that must
+    not import torch.
+    """
+    silenced: dict = {}
+    token = _QUIET.set(silenced)
     try:
+        silence_libraries(import_missing=not defer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        for mod, on in zip((dlog, tlog), bars):
-            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
+        _QUIET.reset(token)
+        for restore in silenced.values():
+            restore()
+
+
+def silence_libraries(import_missing: bool = True) -> None:
+    """In a :func:`quiet_loading` block, set diffusers' and transformers' logging to errors only and turn their
+    progress bars off (once each; the block restores them). Outside one, does nothing."""
+    silenced = _QUIET.get()
+    if silenced is None:
+        return
+    for lib in ("diffusers", "transformers"):
+        if lib in silenced or (not import_missing and lib not in sys.modules):
+            continue
+        log = importlib.import_module(f"{lib}.utils.logging")
+        silenced[lib] = functools.partial(_restore_logging, log, log.get_verbosity(), log.is_progress_bar_enabled())
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+
+
+def _restore_logging(log, level: int, bars: bool) -> None:
+    log.set_verbosity(level)
+    (log.enable_progress_bar if bars else log.disable_progress_bar)()
 
 
 def shipped_path(name: str) -> Path:
@@ -102,6 +142,7 @@ def load(source: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, allow_p
     ``weights_only=True``. The pipeline gets a ``diffspeed_model`` attribute (a :class:`ModelInfo`).
     ``cache`` (a :class:`~diffspeed.pipelines.cache.ModelCache`) keeps loaded models in RAM between calls.
     """
+    silence_libraries()  # a CLI run's quiet_loading takes effect now that diffusers is needed
     if cache is not None:
         return cache.get(source, dtype=dtype, device=device, allow_pickle=allow_pickle, config_dir=config_dir)
     device = resolve_device(device)
@@ -141,7 +182,7 @@ def _from_directory(path: Path, dtype: torch.dtype):
         raise DiffspeedError(f"model: {path} is not a diffusers pipeline folder (no model_index.json)",
                              field="model")
     try:
-        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise DiffspeedError(f"model: could not load the diffusers folder {path}: {err}", field="model") from err
 
@@ -150,7 +191,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
     except Exception as err:  # network, auth or missing repo: all mean "cannot get it from here"
         raise DiffspeedError(f"model: {repo_id!r} is not a shipped model, local path or reachable hub id "
                              f"({type(err).__name__})", field="model") from err

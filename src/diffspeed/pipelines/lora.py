@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError, check_range
+
+torch = lazy_import("torch")  # parse_lora_spec and resolve_lora_path validate CLI input before torch loads
 
 MAX_WEIGHT = 10.0
 
@@ -46,9 +48,18 @@ def _state(pipe) -> _LoraState:
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``PATH[:WEIGHT]`` (the CLI's ``--lora``) -> (path, weight); a Windows drive colon is left alone."""
-    m = re.fullmatch(r"(.+?):(-?[0-9]*\.?[0-9]+)", spec)
-    path, weight = (m.group(1), float(m.group(2))) if m else (spec, 1.0)
+    """``PATH[:WEIGHT]`` (the CLI's ``--lora``) -> (path, weight). A colon that belongs to the path is left alone:
+    a Windows drive (``C:\\x.safetensors``, ``C:x.safetensors``), or one in the name of an existing file."""
+    path, colon, text = spec.rpartition(":")
+    if not colon or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        weight = float(text)
+    except ValueError:
+        if (len(path) == 1 and path.isalpha()) or re.search(r"[\\/]", text):  # the colon is a drive's
+            return spec, 1.0
+        raise DiffspeedError(f"lora weight {text!r} is not a number (give PATH[:WEIGHT], e.g. {path}:0.8)",
+                             field="lora") from None
     check_range("lora weight", weight, -MAX_WEIGHT, MAX_WEIGHT, kind=float)
     return path, weight
 
@@ -111,6 +122,14 @@ class _CaptureWarnings(logging.Handler):
 
 SHIPPED_LORAS = ("tiny-sd-lora-monochrome",)
 
+# peft's warning (several KB: it lists every module) when the target-module *names* diffusers derives from a LoRA
+# (to_k, conv1, ...) also match modules the LoRA has no weights for, e.g. attn1.to_k when it only trained attn2.
+# Harmless: peft injects only the modules the state dict has weights for. Matched up to the end, so the other
+# variant ("the state_dict contained additional target modules") still shows; keys that do not fit this model
+# are caught through diffusers' own warnings (_mismatched_keys).
+_PEFT_EXTRA_TARGETS = (r"While injecting the PEFT adapters, an inconsistency .* The PEFT config contained these "
+                       r"additional target modules: \[[^\]]*\]\. ?$")
+
 
 def resolve_lora_path(source: str | Path) -> Path:
     """The .safetensors file of a LoRA given as a file, a folder holding one, or a shipped name."""
@@ -145,13 +164,14 @@ def load_lora(pipe, source: str | Path, *, weight: float = 1.0, name: str | None
     name = name or re.sub(r"[^A-Za-z0-9_]", "_", stem)
     if name in st.loaded:
         raise DiffspeedError(f"lora: an adapter named {name!r} is already loaded", field="lora")
-    with _CaptureWarnings("diffusers") as warnings:
+    with _CaptureWarnings("diffusers") as captured, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _PEFT_EXTRA_TARGETS, RuntimeWarning)
         try:
             pipe.load_lora_weights(_read(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as err:
             raise DiffspeedError(f"lora: {path.name} does not fit this model ({type(err).__name__}: "
                                  f"{str(err).splitlines()[0][:200]})", field="lora") from err
-    mismatch = _mismatched_keys(warnings.messages, name)
+    mismatch = _mismatched_keys(captured.messages, name)
     if mismatch:  # diffusers only warns: half a LoRA would be applied -- a silently wrong image
         pipe.delete_adapters(name)
         raise DiffspeedError(f"lora: {path.name} does not fit this model: {len(mismatch)} of its layers do not "

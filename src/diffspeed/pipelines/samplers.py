@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import diffusers
-
+from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError
+
+diffusers = lazy_import("diffusers")  # the names below are data for the CLI's help; schedulers are built later
 
 
 @dataclass(frozen=True)

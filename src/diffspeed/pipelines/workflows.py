@@ -9,14 +9,17 @@ loaded objects): nothing is cached in module globals.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError
+
+# the CLI's help reads HIRES_UPSCALERS; torch and numpy load when an image or tensor is handled
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 # web-UI names of the hires-fix upscalers -> (kind, mode): latent upscalers resize the latents before the second
 # pass; image upscalers decode, resize the picture, and encode again.
@@ -69,13 +72,24 @@ def load_image(value, field: str, mode: str = "RGB") -> Image.Image:
         path = Path(value).expanduser()
         if not path.is_file():
             raise DiffspeedError(f"{field}: no such image file: {path}", field=field)
-        try:
-            with Image.open(path) as im:
-                return im.convert(mode)
-        except (OSError, ValueError) as err:
-            raise DiffspeedError(f"{field}: cannot read {path} as an image ({err})", field=field) from err
+        return _open_image(path, field, mode)
     raise DiffspeedError(f"{field} must be an image file path, a PIL image or an array; got "
                          f"{type(value).__name__}", field=field)
+
+
+def _open_image(path: Path, field: str, mode: str) -> Image.Image:
+    """Decode ``path``, refusing what PIL flags as a decompression bomb: a small file that would expand to
+    gigabytes of pixels (PIL only warns below twice its limit; that is an error here too)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DiffspeedError(f"{field}: {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (the "
+                             f"decompression-bomb limit); give a smaller image", field=field) from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's plugins raise all of these on bad data
+        raise DiffspeedError(f"{field}: cannot read {path} as an image ({err})", field=field) from err
 
 
 def fit_size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
@@ -99,7 +113,6 @@ def paste_outside_mask(original: Image.Image, generated: Image.Image, mask: Imag
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask)
 
 
-@torch.no_grad()
 def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
     """Encode and decode through the pipeline's VAE: what denoising strength 0 gives (the input, within VAE
     error), without running the denoiser at all."""
@@ -111,8 +124,9 @@ def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
         vae = vae.to(torch.float32)
         x = x.float()
     try:
-        z = vae.encode(x).latent_dist.mode()
-        out = vae.decode(z).sample
+        with torch.no_grad():  # (as a decorator, torch.no_grad would import torch with this module)
+            z = vae.encode(x).latent_dist.mode()
+            out = vae.decode(z).sample
     finally:
         if upcast:
             pipe.vae.to(torch.float16)
@@ -123,10 +137,10 @@ def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> 
     """Resize latents (N, C, h, w) to the latent grid of ``size`` (width, height in pixels // 8 already)."""
     w, h = size
     if mode == "bilinear-antialias":
-        return F.interpolate(latents, size=(h, w), mode="bilinear", antialias=True)
+        return torch.nn.functional.interpolate(latents, size=(h, w), mode="bilinear", antialias=True)
     if mode == "nearest":
-        return F.interpolate(latents, size=(h, w), mode="nearest")
-    return F.interpolate(latents, size=(h, w), mode=mode, align_corners=False)
+        return torch.nn.functional.interpolate(latents, size=(h, w), mode="nearest")
+    return torch.nn.functional.interpolate(latents, size=(h, w), mode=mode, align_corners=False)
 
 
 def upscale_images(images: list[Image.Image], size: tuple[int, int], mode: str) -> list[Image.Image]:
@@ -162,7 +176,7 @@ def load_controlnet(spec, pipe):
     else:
         path = controlnet_dir(spec)
         try:
-            model = ControlNetModel.from_pretrained(path, torch_dtype=pipe.unet.dtype)
+            model = ControlNetModel.from_pretrained(path, dtype=pipe.unet.dtype)
         except (OSError, ValueError, KeyError) as err:
             raise DiffspeedError(f"controlnet: could not load {path}: {err}", field="controlnet") from err
     want, got = pipe.unet.config, model.config
@@ -222,7 +236,7 @@ def load_refiner(spec, base):
                 and model_hash(te2[0]) == model_hash(te2[1])):
             shared["text_encoder_2"] = base.text_encoder_2
         try:
-            refiner = DiffusionPipeline.from_pretrained(path, torch_dtype=base.unet.dtype, local_files_only=True,
+            refiner = DiffusionPipeline.from_pretrained(path, dtype=base.unet.dtype, local_files_only=True,
                                                         **shared)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DiffspeedError(f"refiner: could not load {path}: {err}", field="refiner") from err
