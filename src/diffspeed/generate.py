@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import json
+import os
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
 from PIL import Image
 
 from diffspeed import __version__
-from diffspeed.errors import DiffspeedError, check_range
-from diffspeed.pipelines.lora import lora_parameters
+from diffspeed._lazy import lazy_import
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError, check_range
 from diffspeed.pipelines.samplers import get_sampler
 from diffspeed.pipelines.workflows import (
     canonical_upscaler,
@@ -35,8 +39,13 @@ from diffspeed.pipelines.workflows import (
 )
 from diffspeed.pngmeta import format_parameters, save_png
 
+torch = lazy_import("torch")  # validating a request must not load torch (the CLI's fast error path)
+
 MAX_SEED = 2**32 - 1
 REFINER_MODES = ("ensemble", "img2img")
+DEFAULT_STEPS = 20
+DEFAULT_SAMPLER = "DPM++ 2M"
+DEFAULT_CFG = 7.0  # the web UI's default, for models without a card that recommends another
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +53,13 @@ class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
     seed: int = -1  # -1: a random seed, reported in the result and the PNG
-    steps: int = 20  # denoising steps, 1..1000 (the schedules are trained with 1000)
-    cfg_scale: float = 7.0  # classifier-free guidance scale, 0..50; <= 1 disables the unconditional pass
+    # steps, sampler and cfg_scale: None = not given; see resolve_sampling for who decides then
+    steps: int | None = None  # denoising steps, 1..1000 (the schedules are trained with 1000)
+    cfg_scale: float | None = None  # classifier-free guidance, 0..50; <= 1 disables the unconditional pass
     width: int | None = None  # pixels, a multiple of 8 in 64..2048; None: the model's native size
     height: int | None = None
     batch_size: int = 1  # images per call, 1..64, seeds seed, seed+1, ...
-    sampler: str = "DPM++ 2M"  # a web-UI sampler name, see diffspeed.pipelines.samplers.SAMPLERS
+    sampler: str | None = None  # a web-UI sampler name, see diffspeed.pipelines.samplers.SAMPLERS
     # img2img / inpaint: an init image (path, PIL image or array) and, for inpaint, a mask (white = repaint)
     init_image: Any = None
     mask_image: Any = None
@@ -76,8 +86,10 @@ class GenerateRequest:
         if not isinstance(self.prompt, str):
             raise DiffspeedError(f"prompt must be text, got {type(self.prompt).__name__}", field="prompt")
         check_range("seed", self.seed, -1, MAX_SEED)
-        check_range("steps", self.steps, 1, 1000)
-        check_range("cfg_scale", self.cfg_scale, 0.0, 50.0, kind=float)
+        if self.steps is not None:
+            check_range("steps", self.steps, 1, 1000)
+        if self.cfg_scale is not None:
+            check_range("cfg_scale", self.cfg_scale, 0.0, 50.0, kind=float)
         check_range("batch_size", self.batch_size, 1, 64)
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -85,7 +97,8 @@ class GenerateRequest:
                 check_range(name, value, 64, 2048)
                 if value % 8:
                     raise DiffspeedError(f"{name} must be a multiple of 8 in [64, 2048], got {value}", field=name)
-        get_sampler(self.sampler)
+        if self.sampler is not None:
+            get_sampler(self.sampler)
         if self.denoising_strength is not None:
             check_range("denoising_strength", self.denoising_strength, 0.0, 1.0, kind=float)
         check_range("mask_blur", self.mask_blur, 0, 64)
@@ -157,11 +170,71 @@ class GenerateResult:
     seconds: float
     steps_per_second: float
     stats: dict = field(default_factory=dict)  # the runner's statistics, summed over every pass
-    events: list[str] = field(default_factory=list)  # notes from the optimizations (NaN fallbacks, no effect)
+    events: list[str] = field(default_factory=list)  # notes: NaN fallbacks, no effect, a prompt cut at 77 tokens
+    request: GenerateRequest | None = None  # the request as it ran: seed, steps, sampler and cfg_scale filled in
 
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / len(self.images)
+
+
+class Sampling(NamedTuple):
+    """What one call samples with; see :func:`resolve_sampling`."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+
+
+def recipe_sampler(recipe):
+    """The config of ``recipe``'s ``sampler`` optimization, or None."""
+    return next((c for c in getattr(recipe, "optimizations", ()) if c.name == "sampler"), None)
+
+
+def resolve_sampling(request: GenerateRequest, recipe=None, pipe=None) -> Sampling:
+    """The one rule for the sampler, the step count and the CFG scale of a call (CLI, Python and server alike).
+
+    A value the request gives is used, unless the recipe's ``sampler`` optimization sets a different one: that
+    is an error naming both, since neither can be right silently. A value only the recipe sets is the
+    recipe's. A value nobody sets is the default: 20 steps, DPM++ 2M, and the CFG scale the shipped model's
+    card recommends (:func:`default_cfg`).
+    """
+    config = recipe_sampler(recipe)
+    sampler = _pick("sampler", _canonical(request.sampler), _canonical(getattr(config, "sampler", None)),
+                    DEFAULT_SAMPLER)
+    steps = _pick("steps", request.steps, getattr(config, "steps", None), DEFAULT_STEPS)
+    cfg = request.cfg_scale if request.cfg_scale is not None else default_cfg(pipe)
+    return Sampling(sampler, steps, float(cfg))
+
+
+def _canonical(name: str | None) -> str | None:
+    return None if name is None else get_sampler(name).name
+
+
+def _pick(name: str, asked, recipe_value, default):
+    if asked is not None and recipe_value is not None and asked != recipe_value:
+        raise DiffspeedError(f"{name}: the request asks for {asked!r} but the recipe's sampler optimization sets "
+                             f"{recipe_value!r}; leave one out", field=name)
+    return asked if asked is not None else recipe_value if recipe_value is not None else default
+
+
+def default_cfg(pipe) -> float:
+    """The CFG scale a shipped model's card recommends, else the web UI's 7."""
+    info = getattr(pipe, "diffspeed_model", None)
+    if info is None or info.kind != "shipped" or info.path is None:
+        return DEFAULT_CFG
+    return _card_cfg(str(info.path))
+
+
+@functools.lru_cache(maxsize=16)
+def _card_cfg(folder: str) -> float:
+    """``training.json`` -> ``final_check.recommended_cfg``: the guidance at which the trained tiny model
+    passed its acceptance check (tiny-sd: 3; its card's guidance sweep shows shapes fail at 7.5)."""
+    try:
+        card = json.loads((Path(folder) / "training.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_CFG
+    return float(card.get("final_check", {}).get("recommended_cfg", DEFAULT_CFG))
 
 
 def native_size(pipe) -> tuple[int, int]:
@@ -169,24 +242,33 @@ def native_size(pipe) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=None) -> GenerateResult:
+def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=None,
+             preset: str | None = None) -> GenerateResult:
     """Run ``request`` on ``pipe``: txt2img, img2img, inpaint or hires fix, whichever its fields ask for, each
     with a ControlNet if the request names one, and txt2img with an SDXL refiner pass.
 
     ``runner`` is an :class:`~diffspeed.core.accelerate.Accelerated` wrapping ``pipe`` (or any callable like
-    the pipeline, for txt2img only). The pipeline's scheduler is swapped for the requested sampler for this
-    call only. ``result.stats`` sums the runner's statistics over every pass (hires fix makes two). The
-    refiner has its own UNet, so the recipe does not apply to it: its pass runs directly and its UNet calls are
-    counted in ``stats["refiner_denoiser_calls"]``.
+    the pipeline, for txt2img only). Sampler, steps and CFG scale follow :func:`resolve_sampling`; the
+    scheduler is swapped for the sampler for this call only, unless the runner's recipe chose the sampler
+    (then the recipe's scheduler runs). ``result.stats`` sums the runner's statistics over every pass (hires
+    fix makes two). The refiner has its own UNet, so the recipe does not apply to it: its pass runs directly
+    and its UNet calls are counted in ``stats["refiner_denoiser_calls"]``. ``preset``: the name of the preset
+    the runner's recipe came from, for the infotext (which records the recipe itself either way).
+
+    A call whose VAE decode returned NaN/inf and left an image black raises ``DiffspeedRuntimeError``.
     """
+    recipe = getattr(runner, "recipe", None)
+    sampling = resolve_sampling(request, recipe, pipe)
     kind = request.workflow
     notes = []
     if hasattr(runner, "check_workflows"):  # reject what the recipe cannot do before any work starts
-        notes = runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else [])
+        notes = runner.check_workflows([kind] + (["lora"] if _loras(pipe) else [])
                                        + (["controlnet"] if request.controlnet is not None else [])
                                        + (["refiner"] if request.refiner is not None else []))
     seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - request.batch_size)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.batch_size)]
+    request = dataclasses.replace(request, seed=seed, **sampling._asdict())
+    truncated, cut_notes = _long_prompts(pipe, request)
     sampler = get_sampler(request.sampler)
     control = _Control.load(pipe, request) if request.controlnet is not None else None
     refiner = None  # loaded once per call; switch_at 1.0 means the refiner never runs
@@ -198,36 +280,158 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
                   guidance_scale=request.cfg_scale)
     extra: dict[str, Any] = {}
     original = pipe.scheduler
-    pipe.scheduler = sampler.build(original.config)
+    if getattr(recipe_sampler(recipe), "sampler", None) is None:  # else the recipe's scheduler is in place
+        pipe.scheduler = sampler.build(original.config)
     refiner_scheduler = refiner.scheduler if refiner is not None else None
     if refiner is not None:
         refiner.scheduler = sampler.build(refiner_scheduler.config)
+    bars = _bar_configs(pipe, refiner)
     pipe.set_progress_bar_config(disable=not progress)
     try:
-        t0 = time.perf_counter()
-        if kind == "txt2img":
-            width, height = _txt2img_size(pipe, request)
-            images, steps_done, extra = _txt2img(pipe, request, run, common, (width, height), refiner)
-        elif kind == "hires":
-            images, (width, height), steps_done, extra = _hires(pipe, request, run, common)
-        else:
-            images, (width, height), steps_done, extra = _img2img(pipe, request, run, common, kind)
-        seconds = time.perf_counter() - t0
+        with _NanWatch(pipe, refiner) as watch:
+            t0 = time.perf_counter()
+            if kind == "txt2img":
+                width, height = _txt2img_size(pipe, request)
+                images, steps_done, extra = _txt2img(pipe, request, run, common, (width, height), refiner)
+            elif kind == "hires":
+                images, (width, height), steps_done, extra = _hires(pipe, request, run, common)
+            else:
+                images, (width, height), steps_done, extra = _img2img(pipe, request, run, common, kind)
+            seconds = time.perf_counter() - t0
     finally:
         pipe.scheduler = original
         if refiner is not None:
             refiner.scheduler = refiner_scheduler
-    info = getattr(pipe, "diffspeed_model", None)
+        _restore_bar_configs(bars)
+    watch.check(images)
     if control is not None:
         extra = {**extra, "ControlNet 0": control.parameters()}
     if request.refiner is not None and refiner is None:
         extra = {**extra, "Refiner switch at": 1.0}  # asked for, but switching at the very end: never ran
-    params = [format_parameters(request.prompt, request.negative_prompt, {
-        "Steps": request.steps, "Sampler": sampler.name, "CFG scale": request.cfg_scale, "Seed": s,
-        "Size": f"{width}x{height}", **({"Model hash": info.hash, "Model": info.name} if info else {}),
-        **extra, **lora_parameters(pipe), "Version": f"diffspeed {__version__}"}) for s in seeds]
+    params = _infotext(pipe, request, seeds, (width, height), {**extra, **truncated}, recipe, preset)
     return GenerateResult(list(images), seeds, params, seconds, steps_done / seconds if seconds else 0.0,
-                          stats=dict(run.stats), events=notes + run.events)
+                          stats=dict(run.stats), events=notes + cut_notes + run.events, request=request)
+
+
+def _bar_configs(*pipes) -> list[tuple[Any, Any]]:
+    """Each pipeline's progress-bar setting, which a call changes (``progress``) and must give back."""
+    return [(p, p.__dict__.get("_progress_bar_config", _UNSET)) for p in pipes if p is not None]
+
+
+def _restore_bar_configs(saved: list[tuple[Any, Any]]) -> None:
+    for p, bar in saved:
+        if bar is _UNSET:
+            p.__dict__.pop("_progress_bar_config", None)
+        else:
+            p._progress_bar_config = bar
+
+
+_UNSET = object()
+
+
+def _loras(pipe) -> list:
+    """The pipeline's active LoRAs (none loaded: no LoRA state is created on the pipeline)."""
+    if not hasattr(pipe, "diffspeed_loras"):
+        return []
+    from diffspeed.pipelines.lora import active_loras
+
+    return active_loras(pipe)
+
+
+def _infotext(pipe, request: GenerateRequest, seeds: list[int], size: tuple[int, int], extra: dict, recipe,
+              preset: str | None) -> list[str]:
+    """Each image's parameters text: the web UI's entries, then what else changed the image -- LoRA weights,
+    the preset and recipe, the device and load dtype -- so that :mod:`diffspeed.reproduce` can redo it."""
+    info = getattr(pipe, "diffspeed_model", None)
+    loras = _loras(pipe)
+    head = {"Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale}
+    tail = {**({"Model hash": info.hash, "Model": info.name} if info else {}), **extra}
+    if loras:  # the web UI writes <lora:name:weight> into the prompt; diffspeed keeps the prompt as given
+        tail["Lora hashes"] = ", ".join(f"{i.name}: {i.hash}" for i in loras)
+        tail["Lora weights"] = ", ".join(f"{i.name}: {i.weight}" for i in loras)
+    if preset:
+        tail["Diffspeed preset"] = preset
+    if recipe is not None and recipe.optimizations:
+        tail["Diffspeed recipe"] = json.dumps(recipe.to_dict()["optimization"], separators=(",", ":"))
+    tail["Device"] = str(pipe._execution_device)
+    dtype = _load_dtype(pipe, recipe)
+    tail.update({"Dtype": dtype} if dtype else {})
+    tail["Version"] = f"diffspeed {__version__}"
+    batch = len(seeds) > 1
+    return [format_parameters(request.prompt, request.negative_prompt, {
+        **head, "Seed": s, "Size": f"{size[0]}x{size[1]}",
+        **({"Batch size": len(seeds), "Batch pos": i} if batch else {}), **tail}) for i, s in enumerate(seeds)]
+
+
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _load_dtype(pipe, recipe) -> str | None:
+    """The dtype the pipeline was loaded in (the ``--dtype`` that reproduces it): that of a component the
+    recipe's precision optimization leaves alone; None when it casts them all."""
+    precision = next((c for c in getattr(recipe, "optimizations", ()) if c.name == "precision"), None)
+    for part in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        module = getattr(pipe, part, None)
+        if module is not None and getattr(precision, part.removesuffix("_2"), None) is None:
+            name = str(module.dtype).removeprefix("torch.")
+            return _DTYPE_NAMES.get(name, name)
+    return None
+
+
+def _long_prompts(pipe, request: GenerateRequest) -> tuple[dict, list[str]]:
+    """Infotext entries and events for a prompt longer than the text encoder reads (CLIP: 77 tokens with the
+    start and end tokens); diffusers cuts it silently, the web UI would have chunked it."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if not tokenizers:
+        return {}, []
+    limit = min(t.model_max_length for t in tokenizers)
+    entries, events = {}, []
+    for label, text in (("Prompt", request.prompt), ("Negative prompt", request.negative_prompt)):
+        n = len(tokenizers[0].tokenize(text)) + tokenizers[0].num_special_tokens_to_add() if text else 0
+        if n > limit:
+            entries[f"{label} truncated"] = f"{n} tokens"
+            events.append(f"{label.lower()} is {n} tokens; the text encoder reads the first {limit}, the rest is "
+                          f"ignored")
+    return entries, events
+
+
+class _NanWatch:
+    """Notes whether a VAE decode of the call returned NaN/inf (a forward hook on each VAE's decoder, removed
+    on exit), and makes black images from such a call an error instead of a success.
+
+    NaN pixels turn black when diffusers converts the decoded image to 8 bits, so "black and the decoder saw
+    NaN/inf" is the failure, while a black image from a finite decode is just a black image. The precision
+    optimization's ``nan_guard`` re-decodes such images in fp32; its images are not black, so that documented
+    re-run stays a success.
+    """
+
+    def __init__(self, *pipes):
+        decoders = [getattr(getattr(p, "vae", None), "decoder", None) for p in pipes if p is not None]
+        self.decoders = list({id(d): d for d in decoders if d is not None}.values())
+        self.nonfinite = False
+
+    def __enter__(self) -> _NanWatch:
+        self.handles = [d.register_forward_hook(self._seen) for d in self.decoders]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _seen(self, module, args, out) -> None:
+        sample = out if isinstance(out, torch.Tensor) else out[0]
+        if not self.nonfinite and not bool(torch.isfinite(sample).all()):
+            self.nonfinite = True
+
+    def check(self, images) -> None:
+        if not self.nonfinite:
+            return
+        black = [i for i, im in enumerate(images) if isinstance(im, Image.Image) and im.getbbox() is None]
+        if black:
+            raise DiffspeedRuntimeError(
+                f"{len(black)} of {len(images)} image(s) came out black: the VAE decode returned NaN/inf, a "
+                f"numerical overflow (most often a half-precision VAE); decode in fp32 -- the precision "
+                f"optimization with vae = \"fp32\" or nan_guard = true -- or run with --dtype fp32")
 
 
 @dataclass
@@ -387,6 +591,8 @@ def _img2img(pipe, request: GenerateRequest, run: _Runner, common: dict, kind: s
     if kind == "inpaint":
         mask = prepare_mask(load_image(request.mask_image, "mask_image", mode="L"), size, request.mask_blur)
         extra["Mask blur"] = request.mask_blur
+        if not request.inpaint_overlay:
+            extra["Inpaint overlay"] = False  # changes the pixels outside the mask, so the infotext says it
     steps_done = _denoising_steps(request.steps, strength)
     if steps_done == 0:  # nothing to denoise: the init image through the VAE, as every step is skipped
         images = vae_round_trip(pipe, [init] * n)
@@ -441,14 +647,62 @@ def _check_multiple(pipe, size: tuple[int, int]) -> None:
 
 
 def save_images(result: GenerateResult, folder: str | Path) -> list[Path]:
-    """Write each image as ``NNNNN-<seed>.png`` with its parameters chunk; never overwrites a file."""
+    """Write each image as ``NNNNN-<seed>.png`` with its parameters chunk; never overwrites a file, also when
+    several processes write into one folder: each name is taken with an exclusive create (the check and the
+    take are one step), the PNG is written under a temporary name in the folder and renamed onto it, so the
+    name never holds half an image. A failed write removes both and raises ``DiffspeedRuntimeError``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(list(folder.glob("*.png")))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        n = _next_number(folder)
+    except OSError as err:
+        raise DiffspeedRuntimeError(f"out: cannot write into {folder}: {err.strerror or err}", field="out") from err
     paths = []
     for image, seed, params in zip(result.images, result.seeds, result.parameters, strict=True):
-        while (path := folder / f"{n:05d}-{seed}.png").exists():
-            n += 1
-        paths.append(save_png(image, path, params))
+        path, n = _reserve(folder, n, seed)
+        _write_onto(path, image, params)
+        paths.append(path)
         n += 1
     return paths
+
+
+_NUMBERED = re.compile(r"(\d{5,})-")
+
+
+def _next_number(folder: Path) -> int:
+    """One past the highest ``NNNNN-`` number in ``folder`` (counting files would reuse a number after a
+    deletion); only a starting point, the exclusive create decides."""
+    with os.scandir(folder) as entries:
+        return 1 + max((int(m.group(1)) for e in entries if (m := _NUMBERED.match(e.name))), default=-1)
+
+
+def _reserve(folder: Path, n: int, seed: int) -> tuple[Path, int]:
+    """Take the first free name ``NNNNN-<seed>.png`` from number ``n`` on, with O_CREAT | O_EXCL."""
+    while True:
+        path = folder / f"{n:05d}-{seed}.png"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path, n
+        except FileExistsError:
+            n += 1
+        except OSError as err:
+            raise DiffspeedRuntimeError(f"out: cannot create {path}: {err.strerror or err}", field="out") from err
+
+
+def _write_onto(path: Path, image, params: str) -> None:
+    """Write the PNG to a temporary name next to ``path`` (same file system, so the rename is atomic) and
+    rename it onto the reserved ``path``; on failure remove the temporary file and the reservation."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{random.getrandbits(32):08x}.part")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 minus the umask
+        save_png(image, tmp, params)
+        os.replace(tmp, path)
+    except BaseException as err:
+        for leftover in (tmp, path):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        if isinstance(err, OSError):
+            raise DiffspeedRuntimeError(f"out: cannot write {path}: {err.strerror or err}", field="out") from err
+        raise

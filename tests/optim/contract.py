@@ -42,8 +42,11 @@ def _value_key(v):
     (a replaced object -- a wrapped ``forward``, another scheduler -- is a change)."""
     if isinstance(v, (bool, int, float, str, type(None), torch.dtype, torch.device)):
         return ("value", v)
-    if isinstance(v, tuple) and all(isinstance(x, (bool, int, float, str, type(None))) for x in v):
+    plain = (bool, int, float, str, type(None))
+    if isinstance(v, tuple) and all(isinstance(x, plain) for x in v):
         return ("value", v)
+    if type(v) is dict and all(isinstance(x, plain) for x in v.values()):  # settings (progress bar config)
+        return ("value", tuple(sorted(v.items(), key=lambda kv: str(kv[0]))))
     if type(v).__name__ == "FrozenDict":  # a diffusers config: re-made when a component is re-registered
         return ("config", dict(v))
     return ("id", id(v))

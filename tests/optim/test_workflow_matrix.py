@@ -32,11 +32,12 @@ def _marked(names):
             for n in names]
 
 
-def _request(workflow: str) -> tuple[GenerateRequest, tuple[int, int]]:
+def _request(workflow: str, steps: int | None = 4) -> tuple[GenerateRequest, tuple[int, int]]:
+    """``steps`` None: the recipe's sampler optimization sets them (a request may not contradict it)."""
     init = Image.new("RGB", (64, 64), (30, 70, 220))
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 16:48] = 255
-    kw = dict(prompt=PROMPT, seed=3, steps=4)
+    kw = dict(prompt=PROMPT, seed=3, steps=steps)
     if workflow == "img2img":
         return GenerateRequest(**kw, init_image=init, denoising_strength=0.5), (64, 64)
     if workflow == "inpaint":
@@ -61,7 +62,8 @@ def test_optimization_on_workflow(tiny_sd, lora_file, name, workflow):
         load_lora(tiny_sd, lora_file, weight=0.7)
     try:
         before = snapshot(tiny_sd)
-        request, size = _request("txt2img" if workflow == "lora" else workflow)
+        request, size = _request("txt2img" if workflow == "lora" else workflow,
+                                 None if "steps" in cls.example else 4)
         verdict, reason = compatibility(cls, workflow)
         with accelerate(tiny_sd, [cls.Config(**cls.example)]) as fast:
             if verdict == "rejected":
