@@ -1,37 +1,62 @@
-"""The ``diffspeed`` command line. Bad input prints one line naming the field and exits with status 2."""
+"""diffspeed: fast Stable Diffusion inference, with the quality cost of every speed-up measured.
+
+exit codes:
+  0    success
+  1    runtime failure: out of memory, a failed write, a bench entry that failed (its report is still written)
+  2    invalid input: usage, validation, unknown names, unreadable or hostile files
+  130  interrupted (Ctrl-C)
+Errors are one line on stderr; --debug shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from diffspeed.errors import DiffspeedError
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# what a command was doing when it ran out of memory, and what to try instead
+_OUT_OF_MEMORY = {
+    "generate": ("generating", "try --preset low-vram-6gb (or low-vram-4gb), or a smaller --width/--height/"
+                               "--batch-size"),
+    "bench": ("benchmarking", "try --preset low-vram-6gb or a smaller --size"),
+    "convert": ("converting", "try --no-verify, which skips loading the result back"),
+}
 
 
 def _add_generate(sub) -> None:
+    from diffspeed.generate import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
     from diffspeed.pipelines.load import DEFAULT_MODEL
     from diffspeed.pipelines.samplers import SAMPLERS
     from diffspeed.pipelines.workflows import HIRES_UPSCALERS
 
     p = sub.add_parser("generate", help="text to image; writes PNGs with web-UI 'parameters' metadata")
-    p.add_argument("prompt")
-    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from (default: nothing)")
     p.add_argument("--seed", type=int, default=-1, help="-1 (default) picks a random seed and reports it")
-    p.add_argument("--steps", type=int, default=None, help="default 20, or the recipe's sampler steps")
-    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps, 1..1000 (default: the recipe's sampler steps, else {DEFAULT_STEPS})")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 0..50 (default: "
+                   f"the shipped model's recommended scale from its card, else {DEFAULT_CFG:g})")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sampler", default=None,
-                   help=f"default DPM++ 2M, or the recipe's sampler; one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call, 1..64 (seeds seed, seed+1, ...)")
+    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default: the recipe's "
+                   f"sampler, else {DEFAULT_SAMPLER})")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="shipped name (tiny-sd, tiny-sdxl), diffusers folder, .safetensors file or hub id")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin (read weights_only)")
     p.add_argument("--config-dir", default=None, help="diffusers folder whose configs describe a single-file "
                    "--model (default: detected SD 1.x / 2.x / SDXL full-size configs)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
+                   "available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--out", default="outputs", help="output folder (created; files are never overwritten)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -68,7 +93,31 @@ def _add_generate(sub) -> None:
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, precheck=check_generate_args, loads_models=True)
+
+
+def check_generate_args(args) -> None:
+    """What can be checked before any model loads, without torch: the device's form and the output folder."""
+    from diffspeed.pipelines.load import check_device
+
+    check_device(args.device)
+    check_out_dir(args.out, "out")
+
+
+def check_out_dir(path: str, field: str) -> None:
+    """Fail now, not after the whole generation, if ``path`` cannot be (created as) a writable folder: write and
+    remove a temporary file in it, or in the nearest existing folder it would be created in."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise DiffspeedError(f"{field}: {path} is a file; give a folder (it is created if missing)", field=field)
+    here = next(p for p in (target, *target.parents) if p.exists())  # "." ends the chain of a relative path
+    if not here.is_dir():
+        raise DiffspeedError(f"{field}: cannot create {path}: {here} is a file", field=field)
+    try:
+        with tempfile.NamedTemporaryFile(dir=here, prefix=".diffspeed-write-check-"):
+            pass
+    except OSError as err:
+        raise DiffspeedError(f"{field}: cannot write in {here} ({err.strerror or err})", field=field) from err
 
 
 def _value(text: str):
@@ -117,20 +166,20 @@ def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = 
 
 def cmd_generate(args) -> int:
     import diffspeed
+    from diffspeed.generate import resolve_sampling
     from diffspeed.pipelines.load import resolve_device
 
-    recipe = build_recipe(args.recipe, args.opt, args.preset, str(resolve_device(args.device)))
-    chosen = next((c for c in recipe.optimizations if c.name == "sampler"), None)
-    request = diffspeed.GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps if args.steps is not None else ((chosen and chosen.steps) or 20),
+    request = diffspeed.GenerateRequest(  # steps, sampler, cfg_scale: None lets resolve_sampling decide
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
         cfg_scale=args.cfg_scale, width=args.width, height=args.height, batch_size=args.batch_size,
-        sampler=args.sampler or (chosen and chosen.sampler) or "DPM++ 2M", init_image=args.init_image,
+        sampler=args.sampler, init_image=args.init_image,
         mask_image=args.mask, denoising_strength=args.denoising_strength, mask_blur=args.mask_blur,
         inpaint_overlay=not args.no_overlay, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
         hires_upscaler=args.hires_upscaler, control_image=args.control_image, controlnet=args.controlnet,
         control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
         refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_mode=args.refiner_mode)
+    recipe = build_recipe(args.recipe, args.opt, args.preset, str(resolve_device(args.device)))
+    resolve_sampling(request, recipe)  # a request/recipe sampler conflict fails before any model loads
     from diffspeed.pipelines.lora import parse_lora_spec, resolve_lora_path
 
     loras = [(resolve_lora_path(p), w) for p, w in map(parse_lora_spec, args.lora)]  # fail before loading
@@ -144,17 +193,18 @@ def cmd_generate(args) -> int:
         if args.fuse_lora:
             fuse_loras(pipe)
     with diffspeed.accelerate(pipe, recipe) as fast:
-        result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None)
-        stats, events = result.stats, result.events
+        result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None,
+                                    preset=args.preset)
     for path in diffspeed.save_images(result, args.out):
         print(path)
     if recipe.optimizations:
         print("optimizations: " + ", ".join(c.name for c in recipe.optimizations))
-        print("stats: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-        for event in events:
-            print(event)
-    print(f"{len(result.images)} image(s), seed {result.seeds[0]}: {result.seconds_per_image:.2f} s/image, "
-          f"{result.steps_per_second:.2f} it/s")
+        print("stats: " + ", ".join(f"{k}={v}" for k, v in sorted(result.stats.items())))
+    for event in result.events:  # NaN fallbacks, optimizations without effect, a prompt cut at 77 tokens
+        print(event)
+    used = result.request
+    print(f"{len(result.images)} image(s), seed {result.seeds[0]}, {used.sampler} {used.steps} steps, CFG "
+          f"{used.cfg_scale:g}: {result.seconds_per_image:.2f} s/image, {result.steps_per_second:.2f} it/s")
     return 0
 
 
@@ -181,22 +231,35 @@ def _add_bench(sub) -> None:
     q.add_argument("--queue", default=None, help="tiny, seed001 (the SDXL guide's 4 prompts) or a JSON/TOML "
                    "file of {prompt, seed}; default: tiny for the tiny models, seed001 otherwise")
     q.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the queue")
-    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--steps", type=int, default=20, help="denoising steps of every entry")
     q.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's; 256 "
                    "for random:)")
     q.add_argument("--sampler", default="DPM++ 2M", help="sampler of every entry, baseline included (default: "
                    "DPM++ 2M, as diffspeed generate; 'model' keeps the model's own scheduler)")
-    q.add_argument("--cfg-scale", type=float, default=7.0)
+    q.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale of every entry")
     q.add_argument("--runs", type=int, default=5, help="timed passes over the queue (seed 001: 5)")
     q.add_argument("--warmup", type=int, default=1, help="warm-up images before timing (compile happens here)")
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
+                   "available, else cpu)")
     q.add_argument("--dtype", default=None, help="load dtype: fp32, fp16, bf16 (default: fp16 on GPU, fp32 CPU)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads per entry (default: torch's)")
     q.add_argument("--timeout", type=float, default=1800.0, help="seconds one entry may take before it is "
                    "recorded as failed")
     p.add_argument("--out", default=None, help="report folder (default bench-results/<model>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, precheck=check_bench_args, loads_models=True)
+
+
+def bench_out(args) -> str:
+    return args.out or f"bench-results/{args.model.replace(':', '-').replace('/', '_')}"
+
+
+def check_bench_args(args) -> None:
+    """The device's form and the report folder, before any entry runs (without torch)."""
+    from diffspeed.pipelines.load import check_device
+
+    check_device(args.device)
+    check_out_dir(bench_out(args), "out")
 
 
 def bench_entries(args, device: str, size: int | None):
@@ -223,22 +286,25 @@ def bench_entries(args, device: str, size: int | None):
 def cmd_bench(args) -> int:
     from diffspeed.bench.queue import default_queue, load_queue
     from diffspeed.bench.runner import bench
-    from diffspeed.pipelines.load import resolve_device
+    from diffspeed.pipelines.load import resolve_device, silence_libraries
 
+    silence_libraries()  # main()'s quiet_loading, now that the libraries load
     device = str(resolve_device(args.device))
     entries = bench_entries(args, device, args.size)
     queue = load_queue(args.queue) if args.queue else default_queue(args.model)
-    out = args.out or f"bench-results/{args.model.replace(':', '-').replace('/', '_')}"
+    out = bench_out(args)
     data = bench(args.model, entries=entries, queue=queue, prompts=args.prompts, steps=args.steps, size=args.size,
                  sampler=None if args.sampler == "model" else args.sampler, cfg=args.cfg_scale, runs=args.runs,
                  warmup=args.warmup, device=args.device,
                  dtype=args.dtype, out=out, timeout=args.timeout, plugins=args.plugin, threads=args.threads,
                  progress=not args.quiet)
-    from pathlib import Path
-
     print((Path(out) / "report.md").read_text())
     failed = [e["name"] for e in data["entries"] if e["status"] == "failed"]
     print(f"wrote {out}/results.json, report.md, report.html" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:  # the report is complete, but a benchmark with holes must not pass a CI step
+        print(f"diffspeed: error: {len(failed)} bench entr{'y' if len(failed) == 1 else 'ies'} failed: "
+              f"{', '.join(failed)} (see {out}/report.md)", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -256,11 +322,14 @@ def _add_convert(sub) -> None:
                    "verification load (default: detected SD 1.x / 2.x / SDXL full-size configs)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip loading OUT back (saves time and memory)")
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, loads_models=True)
 
 
 def cmd_convert(args) -> int:
     from diffspeed.pipelines.convert import convert_checkpoint
+    from diffspeed.pipelines.load import silence_libraries
+
+    silence_libraries()  # main()'s quiet_loading, now that the libraries load
 
     report = convert_checkpoint(args.checkpoint, args.output, fp16=args.fp16, prune=args.prune, vae=args.vae,
                                 force=args.force, use_ema=args.use_ema, config_dir=args.config_dir,
@@ -291,20 +360,54 @@ def cmd_optimizations(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    """Each preset: what it is for, and the recipe it resolves to on this machine (or every class's), and why."""
+    from diffspeed import hardware
     from diffspeed.core.recipe import describe_tables
-    from diffspeed.presets import PRESETS, load_preset
+    from diffspeed.presets import CLASSES, PRESETS, load_preset, profile_class
 
+    if args.probe:  # the only path that imports torch: it times a few small kernels, then caches the ratios
+        profile = hardware.probe(device=_probe_device(), refresh=True)
+    else:
+        profile = hardware.detect("cpu")
+    here, why = profile_class(profile)
+    if args.profile:
+        here, why = args.profile, f"chosen with --profile (this machine resolves to {here}: {why})"
+    print(f"hardware: {profile.summary()}")
+    print(f"presets resolve to {here}: {why}")
     for name in PRESETS:
         preset = load_preset(name)
-        print(f"{name}: {' '.join(preset.description.split())}")
-        for kind in ("cuda", "cpu"):
-            print(f"    {kind}: {describe_tables(preset.entries[kind]) or 'nothing'}")
-        if preset.chosen_on:
-            print("    chosen on: " + " ".join(preset.chosen_on.split()))
+        print(f"\n{name}: {' '.join(preset.description.split())}")
+        for cls in CLASSES if args.all_profiles else (here,):
+            mark = " (here)" if args.all_profiles and cls == here else ""
+            print(f"    {cls}{mark}: {' '.join(preset.uses[cls].split())}")
+            print(f"        recipe: {describe_tables(preset.entries[cls]) or 'nothing'}")
+            print("        chosen on: " + " ".join(preset.chosen_on[cls].split()))
     return 0
 
 
+def _probe_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help, unless its help already says it or there is nothing to say
+    (a flag, an unset value, an empty list). Descriptions keep their line breaks (the exit-code table)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default == [] or default == "" or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own errors: one line, exit 2, like ours
         self.exit(EXIT_USAGE, f"diffspeed: error: {message}\n")
 
@@ -314,31 +417,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="diffspeed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffspeed {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
+    parser.set_defaults(precheck=None, loads_models=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_bench(sub)
     _add_convert(sub)
-    p = sub.add_parser("presets", help="list the goal presets: what each is for, its recipes and its numbers")
+    p = sub.add_parser("presets", help="list the goal presets: what each is for, the recipe each resolves to on "
+                       "this machine and why, and the numbers it was chosen on")
+    p.add_argument("--probe", action="store_true", help="measure bf16/fp16 against fp32 here now (seconds; loads "
+                   "torch) and cache the result; without it the CPU flags and any earlier probe decide")
+    p.add_argument("--profile", default=None, choices=["cuda-bf16", "cuda-fp16", "cpu-bf16", "cpu-fp32"],
+                   help="show the recipes of this hardware class instead of this machine's")
+    p.add_argument("--all-profiles", action="store_true", help="show every hardware class's recipe")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("optimizations", help="list every optimization with its fields, defaults and ranges")
     p.add_argument("--matrix", action="store_true", help="print the optimization x workflow compatibility matrix")
     p.set_defaults(func=cmd_optimizations)
+    for p in sub.choices.values():  # --debug also after the command (unset there, the global one's value stays)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffspeed.pipelines.load import quiet_loading
-
+    """Run one command; returns the exit status (the table in the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        with quiet_loading():  # stderr carries diffspeed's own one-line errors, not the libraries' chatter
-            return args.func(args)
-    except DiffspeedError as err:
-        print(f"diffspeed: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _run(args)
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("diffspeed: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader left (`diffspeed presets | head`): nothing to report
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # and keep Python's exit flush quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as err:
+        if args.debug:
+            raise
+        code, message = _describe_failure(err, args.command)
+        print(f"diffspeed: error: {message}", file=sys.stderr)
+        return code
+
+
+def _run(args) -> int:
+    if args.precheck is not None:
+        args.precheck(args)
+    if not args.loads_models:  # listing commands: nothing to quieten, and quiet_loading would import diffusers
+        return args.func(args)
+    from diffspeed.pipelines.load import quiet_loading
+
+    # stderr carries diffspeed's own one-line errors, not the libraries' chatter; deferred, so that validation
+    # inside the command still runs without torch
+    with quiet_loading(defer=True):
+        return args.func(args)
+
+
+def _describe_failure(err: Exception, command: str) -> tuple[int, str]:
+    """(exit status, one line) for an error that reached the top."""
+    if isinstance(err, DiffspeedError):
+        return err.exit_code, " ".join(str(err).split())
+    if _out_of_memory(err):
+        doing, hint = _OUT_OF_MEMORY.get(command, (f"running {command}", "try a smaller workload"))
+        return EXIT_FAILURE, f"out of memory while {doing}; {hint}"
+    first = next(iter(str(err).strip().splitlines()), "")
+    return EXIT_FAILURE, f"{type(err).__name__}: {first} (run with --debug for the traceback)"
+
+
+def _out_of_memory(err: Exception) -> bool:
+    torch = sys.modules.get("torch")  # a torch OOM means torch is loaded: never import it just to ask
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
 
 
 if __name__ == "__main__":

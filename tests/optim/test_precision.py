@@ -1,8 +1,14 @@
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from diffspeed import hardware
 from diffspeed.core import Accelerated
+from diffspeed.errors import DiffspeedError
+from diffspeed.hardware import HardwareProfile, SlowDtypeWarning
 from diffspeed.optim.precision import PrecisionConfig
 
 from .contract import run
@@ -85,3 +91,53 @@ def test_tf32_flags_restored():
     with Accelerated(pipe, [PrecisionConfig(tf32=not before)]):
         assert torch.backends.cuda.matmul.allow_tf32 is (not before)
     assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+AVX2 = HardwareProfile("cpu", "AMD EPYC 7B12", "AVX2", ("avx2", "f16c"), cores=2, source="injected")
+
+
+def test_bf16_weights_computed_in_fp32_halve_storage_and_restore(tiny_sd):
+    """compute="fp32": the weights stay bf16 between layers (half the memory) while every layer runs in fp32."""
+    base = run(tiny_sd, steps=4)
+    before = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    seen = []
+    handle = tiny_sd.unet.conv_in.register_forward_hook(lambda m, a, out: seen.append((m.weight.dtype, out.dtype)))
+    try:
+        with Accelerated(tiny_sd, [PrecisionConfig(unet="bf16", vae="bf16", compute="fp32")]) as fast:
+            low = run(fast, steps=4)
+            for module in (tiny_sd.unet, tiny_sd.vae):  # the big weights are stored in bf16 between calls
+                assert max(module.parameters(), key=lambda p: p.numel()).dtype == torch.bfloat16
+    finally:
+        handle.remove()
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen)  # upcast for the layer's forward
+    after = tiny_sd.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert np.abs(low - base).mean() < 0.05
+
+
+def test_compute_must_upcast_from_a_stored_dtype():
+    with pytest.raises(DiffspeedError, match="precision.compute needs a stored dtype") as err:
+        PrecisionConfig(compute="fp32")
+    assert err.value.field == "compute"
+    with pytest.raises(DiffspeedError, match="narrower"):
+        PrecisionConfig(unet="fp32", compute="bf16")
+    assert PrecisionConfig(unet="bf16", compute="fp32").compute_dtypes() == {"fp32"}
+    assert PrecisionConfig(unet="bf16", vae="fp16").compute_dtypes() == {"bf16", "fp16"}
+
+
+def test_explicit_bf16_where_it_is_slow_warns_once_with_the_ratio(tiny_sd, monkeypatch):
+    measured = dataclasses.replace(AVX2, measured={"bf16": {"matmul": 176.0, "conv": 140.0}}, source="cache")
+    monkeypatch.setattr(hardware, "detect", lambda device="cpu": measured)
+    with pytest.warns(SlowDtypeWarning) as caught:
+        with Accelerated(tiny_sd, [PrecisionConfig(unet="bf16", text_encoder="bf16", vae="bf16")]) as fast:
+            assert tiny_sd.unet.dtype == torch.bfloat16  # applied all the same: it was asked for
+            run(fast, steps=2)
+    slow = [w for w in caught if issubclass(w.category, SlowDtypeWarning)]
+    assert len(slow) == 1 and "\n" not in str(slow[0].message)
+    assert "bf16 matmul 176x slower than fp32" in str(slow[0].message)
+    monkeypatch.setattr(hardware, "detect", lambda device="cpu": AVX2)  # not probed: the flags speak
+    with pytest.warns(SlowDtypeWarning, match="no native bf16"):
+        Accelerated(tiny_sd, [PrecisionConfig(unet="bf16")]).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowDtypeWarning)  # fp32 compute of bf16 weights is not slow
+        Accelerated(tiny_sd, [PrecisionConfig(unet="bf16", compute="fp32")]).remove()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,20 @@ COLUMNS = (("name", "entry"), ("median", "s/image (median)"), ("range", "min-max
            ("setup", "setup s"), ("first", "first call s"), ("notes", "notes"))
 
 
+def hardware_line(hw: dict) -> str:
+    """The profile the numbers hold for: half-precision speed differs 100x between CPUs (issue 14)."""
+    if hw["kind"] == "cuda":
+        what = (f"CUDA {hw['name']}, {hw['capability']}, {hw['memory_mb'] or 0:.0f} MB, "
+                f"SDPA {', '.join(hw['sdpa_backends']) or 'none'}")
+    else:
+        caps = "".join(f", {k}={v}" for k, v in (hw.get("isa_limits") or {}).items())
+        what = (f"CPU {hw['name']}, capability {hw['capability']}{caps}, flags {' '.join(hw['flags']) or 'none'}, "
+                f"{hw['cores']} cores, {(hw['memory_mb'] or 0) / 1024:.1f} GiB")
+    ratios = "; ".join(f"{d} {op} {r:.3g}x the time of fp32" for d, ops in (hw.get("measured") or {}).items()
+                       for op, r in ops.items()) or "not probed"
+    return f"hardware: {what}, torch {hw.get('torch_version')}; probe ({hw.get('source')}): {ratios}"
+
+
 def _header_lines(data: dict) -> list[str]:
     s, env = data["settings"], data["environment"]
     size = f"{s['width']}x{s['height']}" if s.get("width") else "native size"
@@ -70,6 +85,7 @@ def _header_lines(data: dict) -> list[str]:
              f"sampler {s['sampler'] or 'the model default'}",
              f"machine: {env['device']} ({env['cpu']}, {env['cpu_count']} cores, {env['threads']} torch threads), "
              f"{env['platform']}",
+             *([hardware_line(data["hardware"])] if data.get("hardware") else []),
              f"versions: python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
              f"transformers {env['transformers']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""),
              f"method: {s['isolation']}; timing by {s['timing']}; memory: {s['memory']}; {FASTER}"]
@@ -240,12 +256,24 @@ def draw_plots(data: dict, out: Path) -> dict:
     return files
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: a reader never sees half a report, and an
+    interrupted run leaves the previous one whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_reports(data: dict, out: Path) -> dict:
     out = Path(out)
     files = {"results": "results.json", "grids": draw_grids(data, out), **draw_plots(data, out)}
     files["report_md"], files["report_html"] = "report.md", "report.html"
-    (out / "report.md").write_text(markdown(data, files))
-    (out / "report.html").write_text(html_report(data, files))
+    write_atomic(out / "report.md", markdown(data, files))
+    write_atomic(out / "report.html", html_report(data, files))
     return files
 
 

@@ -119,17 +119,21 @@ def caching_suite(image_size: int) -> list[Entry]:
             Entry.of_recipe([known["tgate"].Config(gate_fraction=0.4)], "tgate gate_fraction 0.4", "suite caching")]
 
 
-def preset_entries(names, device: str) -> list[Entry]:
-    from diffspeed.presets import PRESETS, load_preset
+def preset_entries(names, device: str, profile=None) -> list[Entry]:
+    """One entry per preset, resolved for ``profile`` (default: this device's, probed once and cached)."""
+    from diffspeed.hardware import probe
+    from diffspeed.presets import PRESETS, load_preset, profile_class
 
+    profile = probe(device=device) if profile is None else profile
+    cls, why = profile_class(profile)
     out = []
     for name in PRESETS if names == "all" else names:
         preset = load_preset(name)
+        source = f"preset {name} [{cls}: {why}]"
         try:
-            out.append(Entry.of_recipe(preset.recipe(device), f"preset {name}", f"preset {name}"))
+            out.append(Entry.of_recipe(preset.recipe(device, profile=profile), f"preset {name}", source))
         except DiffspeedError as err:  # a CUDA-only preset on a CPU: measured as skipped, with the reason
-            out.append(Entry(f"preset {name}", "recipe", f"preset {name}",
-                             {"optimization": preset.entries["cuda" if device.startswith("cuda") else "cpu"]},
+            out.append(Entry(f"preset {name}", "recipe", source, {"optimization": preset.entries[cls]},
                              settings={"invalid": str(err)}))
     return out
 
@@ -263,7 +267,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     """
     from tqdm.auto import tqdm
 
-    from diffspeed.bench.report import write_reports
+    from diffspeed.bench.report import write_atomic, write_reports
     from diffspeed.pipelines.load import resolve_device
 
     missing = [pip for mod, pip in (("skimage", "scikit-image"), ("matplotlib", "matplotlib"))
@@ -286,8 +290,11 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     device = str(resolve_device(device))
     width, height = _size(model, size)
     random_weights = model.startswith("random:")
+    from diffspeed.hardware import probe
+
+    profile = probe(device=device)  # measured once per machine and torch version, then read from the cache
     todo = [BASELINE] + list(entries if entries is not None else
-                             preset_entries(presets, device) + ([Entry.of_peer(p) for p in default_peers()]
+                             preset_entries(presets, device, profile) + ([Entry.of_peer(p) for p in default_peers()]
                                                                 if peers else []))
     if noise_check and len(todo) > 1:
         todo.append(BASELINE_AGAIN)
@@ -333,6 +340,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": command or " ".join(["diffspeed", *sys.argv[1:]]),
             "environment": environment(device),
+            "hardware": profile.to_dict(),
             "settings": {**{k: v for k, v in common.items() if k not in ("plugins",)}, "model_kind":
                          "random weights" if random_weights else "trained",
                          "isolation": "one process per entry", "timing": "CUDA events" if device.startswith("cuda")
@@ -348,7 +356,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
                      if again and again.get("ratios") else None)
     data["pareto"] = pareto_front([r for r in rows if r is not again], not random_weights)
     data["files"] = write_reports(data, out)
-    (out / "results.json").write_text(json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
+    write_atomic(out / "results.json", json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
     return data
 
 

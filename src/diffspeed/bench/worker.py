@@ -18,10 +18,13 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from diffspeed.hardware import SlowDtypeWarning
 
 MB = 1 << 20
 
@@ -186,8 +189,14 @@ def run_job(job: dict, emit=_emit) -> dict:
         with MemoryMonitor() as mon:
             phase = "setup"
             t0 = time.perf_counter()
-            runner = build_runner(pipe, job["entry"], device)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. bf16 asked for where it is slow
+                warnings.simplefilter("always", SlowDtypeWarning)
+                runner = build_runner(pipe, job["entry"], device)
             result["setup_s"] = time.perf_counter() - t0
+            setup_events = [str(w.message) for w in caught if issubclass(w.category, SlowDtypeWarning)]
+            for w in caught:  # the rest still reach the entry's log, as without the catch
+                if not issubclass(w.category, SlowDtypeWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             mon.mark("setup")
             if cuda:  # the generation peak apart from the setup peak, as for RSS
                 cuda_setup_mb = torch.cuda.max_memory_allocated() / MB
@@ -223,7 +232,7 @@ def run_job(job: dict, emit=_emit) -> dict:
             mon.mark("timed")
         result["stats"] = totals
         result["derived"] = derived_stats(totals, len(queue))
-        result["events"] = list(getattr(getattr(runner, "fast", None), "events", []))
+        result["events"] = setup_events + list(getattr(getattr(runner, "fast", None), "events", []))
         folder = Path(job["images_dir"])
         for i, image in sorted(images.items()) if job.get("save_images", True) else ():
             _save_png(np.asarray(image, dtype=np.float32), folder / f"{i}.png")
