@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# DIFFSPEED_TEST_THREADS=1 avoids oversubscription when something else (training) holds the cores
-torch.set_num_threads(int(os.environ.get("DIFFSPEED_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# One thread budget for the whole test run: DIFFSPEED_TEST_THREADS (default min(2, cores), a quiet machine), or 1
+# when something else (training, other test runs) holds the cores. It is written back to the environment with
+# the OpenMP/MKL limits before torch loads, so processes the tests spawn (bench workers) inherit it instead of
+# each starting one thread per core and oversubscribing the machine.
+THREADS = max(1, int(os.environ.get("DIFFSPEED_TEST_THREADS") or min(2, os.cpu_count() or 1)))
+for _name in ("DIFFSPEED_TEST_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_name] = str(THREADS)
+
+import pytest  # noqa: E402  (after the thread limits, which must be set before torch loads)
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from diffspeed import metrics  # noqa: E402
 from diffspeed.tiny.check import run_colour_check  # noqa: E402
 from diffspeed.tiny.data import SIZE, held_out_scenes, render, training_batch  # noqa: E402
 
@@ -160,8 +161,7 @@ def vae_quality(vae, seed: int) -> tuple[float, dict, float]:
     x = torch.from_numpy(x)
     lat = vae.encode(x).latent_dist.sample()
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    mse = F.mse_loss(rec, x).item()
-    psnr = 10 * math.log10(4.0 / mse)  # range [-1, 1] -> peak-to-peak 2
+    psnr = metrics.psnr(rec, x, data_range=2.0)  # range [-1, 1] -> peak-to-peak 2
     flat = torch.stack([torch.tensor(c, dtype=torch.float32) / 127.5 - 1 for c in COLOURS.values()])
     flat = flat[:, :, None, None].expand(-1, 3, SIZE, SIZE).contiguous()
     rec_flat = vae.decode(vae.encode(flat).latent_dist.mode()).sample

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from diffspeed import metrics  # noqa: E402
 from diffspeed.tiny.data import held_out_scenes, training_batch  # noqa: E402
 
 MODELS = ROOT / "src" / "diffspeed" / "models"
@@ -51,9 +52,8 @@ def n_params(m: torch.nn.Module) -> int:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.clamp(-1, 1), b.clamp(-1, 1)).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), by :func:`diffspeed.metrics.psnr`."""
+    return metrics.psnr(a.clamp(-1, 1), b.clamp(-1, 1), data_range=2.0)
 
 
 def build_tiny(args, latent_channels: int, factor: int):

@@ -1,7 +1,9 @@
 """Planted optimizations for the bench tests, imported by each bench worker process (``plugins=[this file]``).
 
-``test_sleep`` makes every UNet call slower by a fixed pause; ``test_fail`` raises on a chosen UNet call, i.e.
-mid-run. Both attach through the core's recorded hooks, like any real optimization.
+``test_sleep`` makes every UNet call slower by a fixed pause and counts the pauses into the call's stats
+(``test_sleep_calls``), so a test can check what the bench recorded about the planted work instead of comparing
+two entries' wall clocks; ``test_fail`` raises on a chosen UNet call, i.e. mid-run. Both attach through the
+core's recorded hooks, like any real optimization.
 """
 
 import dataclasses
@@ -22,7 +24,11 @@ class Sleep(Optimization):
     summary = "planted: slower on purpose"
 
     def _apply(self, pipe, state, edits):
-        edits.forward_pre_hook(pipe.unet, lambda *_: time.sleep(self.config.seconds))
+        def pause(*_):
+            time.sleep(self.config.seconds)  # sleeps at least this long: a lower bound the timing must include
+            state.stats["test_sleep_calls"] += 1
+
+        edits.forward_pre_hook(pipe.unet, pause)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,9 +14,9 @@ from PIL import Image
 from diffspeed import DiffspeedError, GenerateRequest, accelerate, generate
 from diffspeed.core import Accelerated, Recipe, RecipeError
 from diffspeed.core.unet_units import n_branches
+from diffspeed.metrics import psnr, ssim
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
-from diffspeed.tiny.check import ssim
 
 from ..pipelines.test_controlnet import TOP_LEFT, untrained  # noqa: F401  (fixture)
 
@@ -30,16 +30,6 @@ def images(pipe, steps=20, n=4, **kw):
     kw.setdefault("guidance_scale", 7.5)
     return pipe(PROMPTS[:n], num_inference_steps=steps, output_type="np",
                 generator=[torch.Generator().manual_seed(i) for i in range(n)], **kw).images
-
-
-def psnr(a, b) -> float:
-    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def mean_ssim(a, b) -> float:
-    u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
-    return float(np.mean([ssim(u8(x), u8(y)) for x, y in zip(a, b)]))
 
 
 def euler(pipe):
@@ -178,13 +168,13 @@ def test_batch_of_four_and_fidelity(pipe):
     with Accelerated(pipe, [DeepCacheConfig(interval=3)]) as fast:
         out = images(fast, steps=20)
         assert fast.stats.get("deepcache_cached_calls", 0) == 13
-    # floors from measurement (test_caching_fidelity.py): tiny-sd 21.6 dB / 0.791, tiny-sdxl (branch 3) 39.4 dB /
-    # 0.996
+    # floors from measurement (test_caching_fidelity.py, diffspeed.metrics): tiny-sd 21.6 dB / 0.793, tiny-sdxl
+    # (branch 3) 39.4 dB / 0.997
     floor = {"sd1": (18.5, 0.74), "sdxl": (36.0, 0.98)}
     from diffspeed.adapters import adapter_for
 
     p_floor, s_floor = floor[adapter_for(pipe).family]
-    assert psnr(out, base) > p_floor and mean_ssim(out, base) > s_floor
+    assert psnr(out, base) > p_floor and ssim(out, base) > s_floor
 
 
 def test_deeper_branch_is_closer_to_the_baseline(tiny_sd):
@@ -210,7 +200,7 @@ def test_controlnet_deep_half_is_skipped_on_cached_calls(tiny_sd, untrained):  #
     with accelerate(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
         out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
     assert out.stats["deepcache_full_calls"] == 4 and calls["mid"] == 4  # ControlNet mid block: full calls only
-    assert psnr(np.asarray(out.images[0]) / 255, np.asarray(ref) / 255) > 16  # measured 18.7 dB
+    assert psnr(out.images[0], ref) > 16  # measured 18.7 dB
     with accelerate(tiny_sd, [CfgCutoffConfig(fraction=0.5), DeepCacheConfig(interval=3)]) as fast:
         out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
     assert out.stats.get("cfg_skipped_calls", 0) == 6 and out.images[0].size == (64, 64)
@@ -269,7 +259,7 @@ def test_hires_reuse_starts_the_second_pass_from_the_first(tiny_sd):
     assert r["deepcache_hires_reused"] == 1 and "deepcache_hires_reused" not in p
     # first pass 12 calls (4 full), second 6 calls: 2 full without reuse, 1 with (its first call is cached)
     assert p["deepcache_full_calls"] == 6 and r["deepcache_full_calls"] == 5
-    a, b = (np.asarray(x.images[0], dtype=np.float64) / 255 for x in (plain, reuse))
+    a, b = plain.images[0], reuse.images[0]
     assert reuse.images[0].size == (128, 128) and 0 < psnr(a, b) < math.inf
     assert psnr(a, b) > 15  # measured 17.9 dB
 

@@ -3,8 +3,6 @@ attention can be tiled, SDXL's default depth reaches its first attention, and th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from hypothesis import strategies as st
 
 from diffspeed import DiffspeedError
 from diffspeed.core import Accelerated, Recipe, RecipeError
+from diffspeed.metrics import psnr
 from diffspeed.optim.hypertile import HyperTileConfig, merge, split, tilings
 
 
@@ -20,11 +19,6 @@ def images(pipe, size=64, seed=0, **kw):
     return pipe(["a red circle at top left on a blue background"] * 2, num_inference_steps=6, width=size,
                 height=size, output_type="np", generator=[torch.Generator().manual_seed(seed + i) for i in range(2)],
                 **kw).images
-
-
-def psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 @settings(max_examples=40, deadline=None)

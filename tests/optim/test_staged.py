@@ -117,6 +117,33 @@ def test_a_single_prompt_passes_through(tiny_sd):
     assert np.array_equal(staged, plain)
 
 
+def test_the_decode_call_leaves_nothing_on_the_pipeline(tiny_sd):
+    hooks = list(tiny_sd.unet._forward_pre_hooks)
+    generate(tiny_sd, StagedConfig(batch_size=2))
+    assert "prepare_latents" not in vars(tiny_sd) and tiny_sd.interrupt is False
+    assert list(tiny_sd.unet._forward_pre_hooks) == hooks
+
+
+def test_a_pipeline_that_ignores_the_interrupt_fails_loudly(tiny_sd, monkeypatch):
+    """Stands in for a diffusers release whose denoising loop no longer checks ``interrupt``: the decode call
+    would denoise the finished latents again, so it must raise instead of returning other images."""
+    before, hooks = snapshot(tiny_sd), list(tiny_sd.unet._forward_pre_hooks)
+    monkeypatch.setattr(type(tiny_sd), "interrupt", property(lambda self: False))
+    for release in (True, False):
+        with pytest.raises(DiffspeedError, match="ran its UNet in the decode call"):
+            generate(tiny_sd, StagedConfig(batch_size=3, release=release), num_inference_steps=1)
+    assert "prepare_latents" not in vars(tiny_sd) and list(tiny_sd.unet._forward_pre_hooks) == hooks
+    assert_same(before, snapshot(tiny_sd))
+
+
+def test_a_pipeline_with_another_guidance_rule_fails_loudly(tiny_sd, monkeypatch):
+    """staged encodes the prompts before the pipeline runs, by the pipelines' guidance rule; a diffusers release
+    that decides differently must stop the call rather than denoise with the wrong embeddings."""
+    monkeypatch.setattr(type(tiny_sd), "do_classifier_free_guidance", property(lambda self: False))
+    with pytest.raises(DiffspeedError, match="decides guidance differently"):
+        generate(tiny_sd, StagedConfig(batch_size=3, release=False), num_inference_steps=1)
+
+
 # ------------------------------------------------------------------------------------ phases and stats
 @pytest.mark.parametrize("model", MODELS)
 def test_phases_run_in_order_and_are_counted(model, request):

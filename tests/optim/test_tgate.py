@@ -3,13 +3,12 @@ when the gate is past the end; it follows a CFG cut-off; few steps are left alon
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from diffspeed.core import Accelerated
+from diffspeed.metrics import psnr
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 from diffspeed.optim.tgate import TgateConfig
 
@@ -28,11 +27,6 @@ def euler_sd(tiny_sd):
 def images(pipe, steps=12, **kw):
     return pipe(["a red circle at top left on a blue background"] * 2, num_inference_steps=steps,
                 output_type="np", generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
-
-
-def psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def n_cross(pipe) -> int:

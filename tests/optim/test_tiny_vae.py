@@ -7,7 +7,6 @@ The fidelity tests use the shipped ``models/taesd-tiny`` (skipped until it is ma
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from diffusers import AutoencoderTiny
 
 from diffspeed import DiffspeedError, Recipe
 from diffspeed.core import Accelerated, RunState
+from diffspeed.metrics import psnr
 from diffspeed.optim import tiny_vae
 from diffspeed.optim.tiny_vae import TinyVae, TinyVaeConfig
 from diffspeed.tiny.data import training_batch
@@ -33,11 +33,6 @@ PIPELINE_PSNR_FLOOR = 13.0  # dB, images with the tiny VAE vs the baseline image
 
 needs_trained = pytest.mark.skipif(not (TRAINED / "config.json").is_file(),
                                    reason=f"no distilled tiny VAE at {TRAINED} yet: run tools/train_tiny_taesd.py")
-
-
-def _psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, peak: float) -> float:
-    mse = float(((torch.as_tensor(a) - torch.as_tensor(b)) ** 2).mean())
-    return 10 * math.log10(peak**2 / max(mse, 1e-12))
 
 
 def _save_tiny(folder: Path, **overrides) -> str:
@@ -144,12 +139,12 @@ def test_shipped_decoder_matches_its_card(tiny_sd):
     """Recompute the card's 'PSNR vs the KL decode' on the same 64 images (tools/train_tiny_taesd.py)."""
     info = json.loads((TRAINED / "training.json").read_text())
     card = info["evals"][-1]["psnr_vs_kl_decode"]
-    tiny = AutoencoderTiny.from_pretrained(TRAINED, torch_dtype=torch.float32)
+    tiny = AutoencoderTiny.from_pretrained(TRAINED, dtype=torch.float32)
     kl, sf = tiny_sd.vae, tiny_sd.vae.config.scaling_factor
     x = torch.from_numpy(training_batch(np.random.default_rng([info["config"]["seed"], 4]), 64, set())[0])
     with torch.no_grad():
         mean = kl.encode(x).latent_dist.mean
-        got = _psnr(tiny.decode(mean * sf).sample.clamp(-1, 1), kl.decode(mean).sample.clamp(-1, 1), peak=2.0)
+        got = psnr(tiny.decode(mean * sf).sample.clamp(-1, 1), kl.decode(mean).sample.clamp(-1, 1), data_range=2.0)
     assert got >= DECODER_PSNR_FLOOR
     assert abs(got - card) < 0.5, (got, card)  # fp16 weights vs the fp32 ones the card was measured with
 
@@ -161,4 +156,4 @@ def test_images_stay_close_to_the_kl_decode(model, request):
     baseline = run(pipe, steps=10)
     with Accelerated(pipe, [TinyVaeConfig(path=str(TRAINED))]) as fast:
         images = run(fast, steps=10)
-    assert _psnr(images, baseline, peak=1.0) >= PIPELINE_PSNR_FLOOR
+    assert psnr(images, baseline) >= PIPELINE_PSNR_FLOOR

@@ -3,14 +3,13 @@ ratio 0 is exact, per-family defaults reach SDXL's first attention, and the imag
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from diffspeed import DiffspeedError
 from diffspeed.core import Accelerated
+from diffspeed.metrics import psnr
 from diffspeed.optim.tome import TomeConfig
 from diffspeed.optim.tome_merge import bipartite_merge, partition, unmerge
 
@@ -18,11 +17,6 @@ from diffspeed.optim.tome_merge import bipartite_merge, partition, unmerge
 def images(pipe, **kw):
     return pipe(["a red circle at top left on a blue background"] * 2, num_inference_steps=6, output_type="np",
                 generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw).images
-
-
-def psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def test_partition_has_one_destination_per_window():

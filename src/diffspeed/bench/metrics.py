@@ -1,11 +1,9 @@
-"""Fidelity of a recipe's images to the baseline's (same prompts, same seeds), with maintained libraries.
+"""Fidelity of a recipe's images to the baseline's (same prompts, same seeds).
 
-- PSNR and SSIM: scikit-image (``skimage.metrics``), per image, averaged; SSIM on RGB with ``channel_axis``.
-- MS-SSIM: torchmetrics, with as many of the five standard scales as the image size allows (each scale halves
-  the image, and the Gaussian window must fit the smallest); the number used is reported beside the value.
-  Wang, Simoncelli and Bovik 2003; the betas are the paper's.
-- LPIPS (Zhang et al. 2018): the ``lpips`` package, only when its backbone weights are already in the torch
-  hub cache -- nothing is downloaded during a benchmark; otherwise it is skipped with a note saying why.
+PSNR, SSIM and MS-SSIM are :mod:`diffspeed.metrics`' (the ones the tests' floors and the model cards use; their
+settings and sources are documented there). LPIPS (Zhang et al. 2018): the ``lpips`` package, only when its
+backbone weights are already in the torch hub cache -- nothing is downloaded during a benchmark; otherwise it
+is skipped with a note saying why.
 
 Images are float arrays in [0, 1], shape (N, H, W, 3): what the pipeline returned, rounded to 8 bits as saved.
 """
@@ -13,52 +11,13 @@ Images are float arrays in [0, 1], shape (N, H, W, 3): what the pipeline returne
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy as np
 
-MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, five scales
-MS_SSIM_KERNEL = 7  # smaller than the usual 11 so that 64 px images still get three scales
+from diffspeed.metrics import ms_ssim, psnr, ssim
+
 LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, which lpips(net="alex") loads
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB over all images together (inf when identical)."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    if np.array_equal(a, b):
-        return math.inf
-    return float(peak_signal_noise_ratio(b, a, data_range=1.0))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
-
-
-def ms_ssim_scales(size: int) -> int:
-    """How many scales fit: the image at the coarsest scale must be larger than the window (torchmetrics'
-    rule: ``size > (kernel - 1) * 2 ** (scales - 1)``)."""
-    scales = 0
-    while scales < len(MS_SSIM_BETAS) and size > (MS_SSIM_KERNEL - 1) * 2 ** scales:
-        scales += 1
-    return scales
-
-
-def ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float | None, int]:
-    """(MS-SSIM, scales used); (None, scales) when torchmetrics is missing or fewer than two scales fit."""
-    scales = ms_ssim_scales(min(a.shape[1], a.shape[2]))
-    if scales < 2 or importlib.util.find_spec("torchmetrics") is None:
-        return None, scales
-    import torch
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-
-    x, y = (torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2).double() for v in (a, b))
-    value = multiscale_structural_similarity_index_measure(x, y, data_range=1.0, kernel_size=MS_SSIM_KERNEL,
-                                                           betas=MS_SSIM_BETAS[:scales], normalize="relu")
-    return float(value), scales
 
 
 def lpips_unavailable() -> str | None:

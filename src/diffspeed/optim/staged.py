@@ -13,15 +13,18 @@ same bytes, dtype and strides come back after the call (also when it fails):
   keeping the tensors anywhere else in the process would free nothing. Put the folder on a disk: on a tmpfs
   the bytes still occupy RAM (the "released" event says so).
 
-Images: the pipeline itself runs each chunk (``prompt_embeds=...``, ``output_type="latent"``) and the decode is
-the pipeline's own code, over all latents in one VAE call, so the images are the plain pipeline's for the same
-seeds: bit for bit when one chunk holds every prompt (``batch_size`` >= their number); otherwise to float
-rounding, because CPU GEMM/convolution kernels take different code paths at different batch sizes (measured on
-tiny-sd/tiny-sdxl: max |diff| ~2e-5 on [0, 1] pixels, from the time embedding's Linear at batch 2 vs 6; GPU
-kernels may do the same). Several chunks sharing one generator get the plain pipeline's initial noise (drawn
-for all prompts at once, as it does); a sampler that draws fresh noise every step then draws it per chunk,
-which an event reports -- pass one generator per prompt for the plain pipeline's noise everywhere. Combine
-with ``vae_slicing`` to bound the decode's memory.
+Images: the pipeline itself runs each chunk (``prompt_embeds=...``, ``output_type="latent"``), and one more
+pipeline call decodes all latents in one VAE call: its ``prepare_latents`` hands it the finished latents and its
+``interrupt`` flag skips the denoising loop, so the decode, upcasting, watermark and safety checker are the
+pipeline's own code (none of it is copied here; a diffusers release that stops honouring either hook makes the
+call fail loudly, never decode differently). The images are the plain pipeline's for the same seeds: bit for
+bit when one chunk holds every prompt (``batch_size`` >= their number); otherwise to float rounding, because CPU
+GEMM/convolution kernels take different code paths at different batch sizes (measured on tiny-sd/tiny-sdxl:
+max |diff| ~2e-5 on [0, 1] pixels, from the time embedding's Linear at batch 2 vs 6; GPU kernels may do the
+same). Several chunks sharing one generator get the plain pipeline's initial noise (the first chunk's
+``prepare_latents`` draws it for all prompts at once, as the plain call does); a sampler that draws fresh noise
+every step then draws it per chunk, which an event reports -- pass one generator per prompt for the plain
+pipeline's noise everywhere. Combine with ``vae_slicing`` to bound the decode's memory.
 
 Each chunk is a fresh run for ``RunState`` (its step counter restarts); ``stats["denoiser_calls"]`` counts
 them all. Stateful optimizations that cache across steps must key their caches on ``state.step``.
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.errors import DiffspeedError
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _ENCODE_ONLY = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "clip_skip")
@@ -255,22 +259,23 @@ class Staged(Optimization):
         released: list[tuple[str, _Released]] = []
         spill = Path(tempfile.mkdtemp(prefix="diffspeed-staged-", dir=c.spill_dir)) if c.release else None
         try:
-            embeds = self._encode(kw)
+            embeds, cfg = self._encode(kw)
             if c.release:
                 self._release(TEXT_ENCODERS, spill, released)
-            latents = self._denoise(call, kw, embeds)
+            latents = self._denoise(call, kw, embeds, cfg)
             if c.release:
                 self._release(("unet",), spill, released)
-            return self._decode(kw, latents, embeds["prompt_embeds"].dtype)
+            return self._decode(call, kw, embeds, latents)
         finally:
             self._restore(released)
             if spill is not None:
                 shutil.rmtree(spill, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------- phases
-    def _encode(self, kw) -> dict:
+    def _encode(self, kw) -> tuple[dict, bool]:
+        """Every prompt through the pipeline's public ``encode_prompt``; also returns whether guidance is on (the
+        pipelines' rule, which :meth:`_denoise` checks against the pipeline's own answer)."""
         pipe, prompts = self.pipe, kw["prompt"]
-        # the pipelines' own do_classifier_free_guidance rule, for this call's guidance scale
         cfg = self._default(kw, "guidance_scale") > 1 and pipe.unet.config.time_cond_proj_dim is None
         lora_scale = (kw.get("cross_attention_kwargs") or {}).get("scale")
         common = dict(device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
@@ -285,7 +290,7 @@ class Staged(Optimization):
             embeds = {"prompt_embeds": pe, "negative_prompt_embeds": npe}
         self.state.stats["staged_prompts"] += len(prompts)
         self.state.events.append(f"staged: encoded {len(prompts)} prompts")
-        return embeds
+        return embeds, cfg
 
     def _release(self, names, spill: Path, released: list) -> None:
         done = []
@@ -317,106 +322,101 @@ class Staged(Optimization):
         if errors:
             raise errors[0]
 
-    def _denoise(self, call, kw: dict, embeds: dict) -> torch.Tensor:
+    def _denoise(self, call, kw: dict, embeds: dict, cfg: bool) -> torch.Tensor:
+        """Each chunk is one pipeline call with ``output_type="latent"``. With one generator shared by several
+        chunks, the first chunk's ``prepare_latents`` draws the noise for every image at once, as the plain
+        pipeline does, and every chunk takes its rows of it (:func:`_noise_for_all`)."""
         pipe, state, b = self.pipe, self.state, self.config.batch_size
         n, k = len(kw["prompt"]), kw.get("num_images_per_prompt") or 1
         rest = {key: v for key, v in kw.items() if key not in _ENCODE_ONLY}
         rest.update(output_type="latent", return_dict=False)
         gen, latents = kw.get("generator"), kw.get("latents")
-        shared_gen = not isinstance(gen, list) and n > b
-        if shared_gen and latents is None:
-            latents = self._initial_noise(kw, embeds["prompt_embeds"].dtype, n * k)
-        before = _rng_state(gen, pipe) if shared_gen else None
+        noise = {}  # rows of the current chunk; the noise for all images and the RNG state after drawing it
+        edits = Edits("staged (denoise)")
+        if not isinstance(gen, list) and n > b and latents is None:
+            edits.wrap_method(pipe, "prepare_latents", _noise_for_all(n * k, noise, lambda: _rng_state(gen, pipe)))
         out = []
-        for i in range(0, n, b):
-            rows = slice(i * k, min(i + b, n) * k)
-            chunk = {key: (v[i:i + b] if v is not None else None) for key, v in embeds.items()}
-            if isinstance(gen, list):
-                chunk["generator"] = gen[rows]
-            if latents is not None:
-                chunk["latents"] = latents[rows]
-            state.step, state.total_steps, state.cfg = -1, 0, False  # each chunk is a fresh schedule
-            out.append(call(**{**rest, **chunk})[0])
-            state.stats["staged_chunks"] += 1
-            state.events.append(f"staged: denoised prompts {i + 1}-{min(i + b, n)} of {n}")
-            if i == 0 and before is not None and not torch.equal(before, _rng_state(gen, pipe)):
-                state.events.append("staged: the sampler drew noise per step from one shared generator, so later "
-                                    "chunks differ from the plain pipeline; pass one generator per prompt")
+        try:
+            for i in range(0, n, b):
+                rows = noise["rows"] = slice(i * k, min(i + b, n) * k)
+                chunk = {key: (v[i:i + b] if v is not None else None) for key, v in embeds.items()}
+                if isinstance(gen, list):
+                    chunk["generator"] = gen[rows]
+                if latents is not None:
+                    chunk["latents"] = latents[rows]
+                state.step, state.total_steps, state.cfg = -1, 0, False  # each chunk is a fresh schedule
+                out.append(call(**{**rest, **chunk})[0])
+                if i == 0:
+                    self._check_first_chunk(cfg, noise, gen)
+                state.stats["staged_chunks"] += 1
+                state.events.append(f"staged: denoised prompts {i + 1}-{min(i + b, n)} of {n}")
+        finally:
+            edits.undo()
         return torch.cat(out)
 
-    def _initial_noise(self, kw, dtype, rows: int) -> torch.Tensor:
-        """The pipeline's initial latents for every image at once (before ``init_noise_sigma``, which the
-        pipeline applies to given latents)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
+    def _check_first_chunk(self, cfg: bool, noise: dict, gen) -> None:
         pipe = self.pipe
-        if _family(pipe) == "sdxl":
-            default = pipe.default_sample_size * pipe.vae_scale_factor
-            height, width = kw.get("height") or default, kw.get("width") or default
-        else:
-            size = pipe.unet.config.sample_size
-            h, w = (size, size) if isinstance(size, int) else size[:2]
-            height, width = kw.get("height"), kw.get("width")
-            if not height or not width:
-                height, width = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
-        shape = (rows, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor,
-                 int(width) // pipe.vae_scale_factor)
-        return randn_tensor(shape, generator=kw.get("generator"), device=pipe._execution_device, dtype=dtype)
+        if bool(pipe.do_classifier_free_guidance) != cfg:  # the prompts were encoded by the other rule
+            raise DiffspeedError(f"staged: {type(pipe).__name__}.do_classifier_free_guidance is "
+                                 f"{pipe.do_classifier_free_guidance}, but staged encoded the prompts for "
+                                 f"guidance={cfg}; this diffusers version decides guidance differently")
+        if "rng" in noise and not torch.equal(noise["rng"], _rng_state(gen, pipe)):
+            self.state.events.append("staged: the sampler drew noise per step from one shared generator, so "
+                                     "later chunks differ from the plain pipeline; pass one generator per prompt")
 
-    def _decode(self, kw: dict, latents: torch.Tensor, embeds_dtype: torch.dtype):
-        """The end of the pipeline's ``__call__`` (diffusers 0.42), run once over every chunk's latents."""
-        pipe = self.pipe
-        output_type, return_dict = kw.get("output_type", "pil"), kw.get("return_dict", True)
-        if _family(pipe) == "sdxl":
-            image = latents if output_type == "latent" else self._decode_sdxl(latents)
-            if output_type != "latent":
-                if getattr(pipe, "watermark", None) is not None:
-                    image = pipe.watermark.apply_watermark(image)
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            out = (image,)
-        else:
-            if output_type != "latent":
-                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                        generator=kw.get("generator"))[0]
-                image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, embeds_dtype)
-            else:
-                image, nsfw = latents, None
-            denormalize = [True] * image.shape[0] if nsfw is None else [not x for x in nsfw]
-            image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-            out = (image, nsfw)
-        pipe.maybe_free_model_hooks()
-        self.state.events.append(f"staged: decoded {latents.shape[0]} images")
-        if not return_dict:
-            return out
-        if _family(pipe) == "sdxl":
-            from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+    def _decode(self, call, kw: dict, embeds: dict, latents: torch.Tensor):
+        """One more pipeline call decodes every chunk's latents at once, so its own code does the work (fp16 VAE
+        upcasting, latents mean/std, decode, watermark, safety checker, postprocessing, output class): its
+        ``prepare_latents`` hands over the finished latents and raises the ``interrupt`` flag that the
+        denoising loop checks before every step (diffusers' documented way to stop a pipeline early), so the
+        loop runs no step. Should a diffusers release stop doing either, the UNet hook raises rather than
+        letting the call denoise again."""
+        pipe, edits, handed = self.pipe, Edits("staged (decode)"), []
 
-            return StableDiffusionXLPipelineOutput(images=out[0])
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+        def hand_over(inner, batch_size, *args, **kwargs):
+            if batch_size != latents.shape[0]:
+                raise DiffspeedError(f"staged: the decode call asked prepare_latents for {batch_size} rows, "
+                                     f"staged holds {latents.shape[0]}; this diffusers version batches differently")
+            handed.append(batch_size)
+            edits.set_attr(pipe, "_interrupt", True)  # after __call__ cleared it; undone below
+            return latents
 
-        return StableDiffusionPipelineOutput(images=out[0], nsfw_content_detected=out[1])
+        def no_denoising(*_):
+            raise DiffspeedError(f"staged: {type(pipe).__name__} ran its UNet in the decode call: this diffusers "
+                                 "version no longer stops the denoising loop on pipe.interrupt or no longer takes "
+                                 "its latents from prepare_latents, so staged cannot decode through it")
 
-    def _decode_sdxl(self, latents: torch.Tensor) -> torch.Tensor:
-        from diffusers.utils.torch_utils import get_module_execution_device
-
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's VAE overflows in fp16
-        if upcast:
-            vae.to(dtype=torch.float32)
-            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        latents = latents.to(get_module_execution_device(vae))
+        edits.wrap_method(pipe, "prepare_latents", hand_over)
+        edits.forward_pre_hook(pipe.unet, no_denoising)
+        rest = {key: v for key, v in kw.items() if key not in _ENCODE_ONLY and key != "latents"}
+        self.state.step, self.state.total_steps, self.state.cfg = -1, 0, False
         try:
-            return vae.decode(latents, return_dict=False)[0]
+            out = call(**rest, **embeds)
         finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
+            edits.undo()
+        if handed != [latents.shape[0]]:
+            raise DiffspeedError(f"staged: {type(pipe).__name__}.__call__ called prepare_latents {len(handed)} "
+                                 "times in the decode call (expected once); this diffusers version is not supported")
+        self.state.events.append(f"staged: decoded {latents.shape[0]} images")
+        return out
+
+
+def _noise_for_all(rows: int, noise: dict, rng_state):
+    """A ``prepare_latents`` wrapper: the first call draws the initial latents of all ``rows`` images with the
+    pipeline's own method (after its scheduler is set, so ``init_noise_sigma`` is this schedule's); every call
+    returns the rows ``noise["rows"]`` of that draw."""
+
+    def prepare(inner, batch_size, *args, **kwargs):
+        if "all" not in noise:
+            noise["all"] = inner(rows, *args, **kwargs)
+            noise["rng"] = rng_state()
+        part = noise["all"][noise["rows"]]
+        if part.shape[0] != batch_size:
+            raise DiffspeedError(f"staged: the pipeline asked prepare_latents for {batch_size} rows, the chunk has "
+                                 f"{part.shape[0]}; this diffusers version batches differently")
+        return part
+
+    return prepare
 
 
 def _rng_state(gen, pipe) -> torch.Tensor:

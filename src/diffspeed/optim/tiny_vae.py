@@ -98,7 +98,7 @@ class TinyVae(Optimization):
 
         vae, folder = pipe.vae, _folder(self.config)
         try:
-            tiny = AutoencoderTiny.from_pretrained(folder, torch_dtype=vae.dtype)
+            tiny = AutoencoderTiny.from_pretrained(folder, dtype=vae.dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise DiffspeedError(f"tiny_vae.path {str(folder)!r}: cannot load an AutoencoderTiny: {err}",
                                  field="path") from err

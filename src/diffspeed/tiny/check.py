@@ -5,6 +5,9 @@ Two measurements per image, both by nearest palette colour in RGB:
   and bottom bands separately) must be the prompt's background colour;
 - shape: at least ``SHAPE_FRACTION`` of a 9x9 patch at the stated position must be the stated shape colour.
 Chance is ~1/9 for the background and ~1/8 for the shape (8 colours remain once the background is taken).
+
+The image measures the tiny models' cards and tests report beside it (SSIM, saturation, mask IoU) are
+:mod:`diffspeed.metrics`'s, imported here so that existing ``from diffspeed.tiny.check import ...`` keep working.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from diffspeed.metrics import foreground, mask_iou, saturation, ssim
 from diffspeed.tiny.data import COLOURS, POSITIONS, SIZE, Scene
 
+__all__ = ["foreground", "mask_iou", "saturation", "ssim", "nearest_colour", "score_image",
+           "score_images", "run_colour_check", "CheckResult", "ImageScore", "SHAPE_FRACTION"]
 SHAPE_FRACTION = 0.4
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
@@ -104,43 +110,3 @@ def run_colour_check(pipe, scenes: list[Scene], *, steps: int = 25, guidance_sca
                    generator=gens, output_type="pil")
         images.extend(out.images)
     return score_images(images, scenes)
-
-
-def saturation(images) -> float:
-    """Mean HSV-style saturation (max - min over RGB, in [0, 1]) of PIL images or HxWx3 uint8 arrays: what the
-    monochrome example LoRA takes away."""
-    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
-    return float((arr.max(-1) - arr.min(-1)).mean())
-
-
-def foreground(image, threshold: float = 60.0) -> np.ndarray:
-    """Boolean HxW map of the pixels that differ from the image's median colour by more than ``threshold``
-    (sum of absolute RGB differences, 0-765): on a plain background, where the shapes are. The ControlNet
-    check uses it to see whether the shapes went where the control mask put them."""
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    median = np.median(arr.reshape(-1, 3), axis=0)
-    return np.abs(arr - median).sum(-1) > threshold
-
-
-def mask_iou(image, mask, threshold: float = 60.0) -> float:
-    """Intersection over union of :func:`foreground` of ``image`` and ``mask`` (white = shape, > 50 %)."""
-    fg = foreground(image, threshold)
-    if isinstance(mask, Image.Image):
-        mask = mask.convert("L").resize(fg.shape[::-1], Image.Resampling.BILINEAR)
-    m = np.asarray(mask, dtype=np.float32)
-    m = m > (127.5 if m.max() > 1 else 0.5)
-    union = (fg | m).sum()
-    return float((fg & m).sum() / union) if union else 1.0
-
-
-def ssim(a, b) -> float:
-    """Mean structural similarity of two RGB images (PIL or HxWx3 uint8), averaged over channels, with the
-    settings of Wang et al. 2004 (Gaussian window sigma 1.5, K1 0.01, K2 0.03, data range 255) through
-    scikit-image."""
-    from skimage.metrics import structural_similarity
-
-    x, y = np.asarray(a), np.asarray(b)
-    if x.shape != y.shape:
-        raise ValueError(f"ssim: images differ in shape, {x.shape} vs {y.shape}")
-    return float(structural_similarity(x, y, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False))
