@@ -13,6 +13,15 @@ THREADS = max(1, int(os.environ.get("DIFFSPEED_TEST_THREADS") or min(2, os.cpu_c
 for _name in ("DIFFSPEED_TEST_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = str(THREADS)
 
+# the hardware probe's cache (diffspeed.hardware) goes to a folder of this run, not the user's ~/.cache
+if "DIFFSPEED_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DIFFSPEED_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="diffspeed-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
 import pytest  # noqa: E402  (after the thread limits, which must be set before torch loads)
 import torch  # noqa: E402
 

@@ -89,7 +89,7 @@ def _add_generate(sub) -> None:
     c.add_argument("--refiner-mode", default="ensemble", help="ensemble (hand over noisy latents) or img2img "
                    "(refine the finished image at strength 1 - switch-at)")
     p.add_argument("--preset", default=None, help="a goal preset: quality, balanced, fastest, low-vram-8gb, "
-                   "low-vram-6gb, low-vram-4gb (its CUDA or CPU recipe, by --device); see diffspeed presets")
+                   "low-vram-6gb, low-vram-4gb: the recipe for this device's hardware class (see diffspeed presets)")
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
@@ -215,7 +215,8 @@ def _add_bench(sub) -> None:
                    "(full-size architecture, random weights: speed and memory only)")
     e = p.add_argument_group("what to compare (default: every preset and every installed peer)")
     e.add_argument("--preset", action="append", default=[], help="a preset (quality, balanced, fastest, "
-                   "low-vram-8gb, low-vram-6gb, low-vram-4gb) or 'all' (repeatable)")
+                   "low-vram-8gb, low-vram-6gb, low-vram-4gb; each resolved for this machine's hardware class) "
+                   "or 'all' (repeatable)")
     e.add_argument("--recipe", action="append", default=[], help="a recipe file, .toml or .json (repeatable)")
     e.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="optimizations that together form one more entry (repeatable)")

@@ -87,7 +87,9 @@ def _build(kind):
     torch.manual_seed(0)
     if kind in ("sd15", "sd2"):
         openclip = kind == "sd2"
-        scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction" if openclip else "epsilon")
+        # steps_offset=1 / clip_sample=False as SD's own scheduler configs: diffusers warns about the defaults
+        scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction" if openclip else "epsilon",
+                                            steps_offset=1, clip_sample=False)
         return diffusers.StableDiffusionPipeline(
             unet=_unet(cross_attention_dim=32, use_linear_projection=openclip), vae=_vae(),
             text_encoder=_clip(act="gelu" if openclip else "quick_gelu"),

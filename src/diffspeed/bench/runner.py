@@ -20,6 +20,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,28 +175,41 @@ def _run_isolated(job: dict, folder: Path, timeout: float | None, tick) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     src = str(Path(__file__).resolve().parents[2])  # so the worker imports this very diffspeed
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "diffspeed.bench.worker", str(job_path), str(result_path)],
-                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        timed_out = False
-        for line in proc.stdout:  # one JSON line per image
-            if line.startswith('{"progress"'):
-                tick()
-            if timeout and time.monotonic() - t0 > timeout:
-                proc.kill()
-                timed_out = True
-                break
+    expired = threading.Event()
+    with open(log_path, "w") as log, subprocess.Popen(
+            [sys.executable, "-m", "diffspeed.bench.worker", str(job_path), str(result_path)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=env) as proc:
+        # a watchdog, not a check between output lines: a worker that hangs silently prints nothing
+        watchdog = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
+        if watchdog is not None:
+            watchdog.start()
         try:
-            code = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)) if timeout else None)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code, timed_out = proc.wait(), True
+            for line in proc.stdout:  # one JSON line per image
+                if line.startswith('{"progress"'):
+                    tick()
+            code = proc.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+    timed_out = expired.is_set()
+    if code != 0:  # a killed worker cannot clean up: sweep the spill folders it left (owned by a dead pid)
+        from diffspeed.core.spill import sweep_stale
+
+        sweep_stale()
     if result_path.is_file() and not timed_out:
         return json.loads(result_path.read_text())
     tail = log_path.read_text()[-2000:]
     why = f"timed out after {timeout:.0f} s" if timed_out else f"the worker process exited with status {code}"
     return new_result(job["entry"]["name"], "failed", f"{why}; last log lines: {tail.strip()[-600:]}", "process")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM first, so the worker removes its spill folders (diffspeed.core.spill); SIGKILL after ``grace``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _cannot_run(entry: Entry, device: str) -> str | None:

@@ -113,7 +113,7 @@ class Optimization:
                                  field=self.name)
         self.config = config
         self._edits: Edits | None = None
-        self._call: Edits | None = None
+        self._per_call: Edits | None = None
         self.pipe = None
         self.state: RunState | None = None
 
@@ -135,11 +135,11 @@ class Optimization:
         edits = Edits(self.name)
         self.pipe, self.state = pipe, state if state is not None else RunState()
         try:
-            self._call = edits.child("this call")
+            self._per_call = edits.child("this call")
             self._apply(pipe, self.state, edits)
         except BaseException:
             edits.undo()
-            self.pipe = self.state = self._call = None
+            self.pipe = self.state = self._per_call = None
             raise
         self._edits = edits
         return self
@@ -149,7 +149,7 @@ class Optimization:
             raise DiffspeedError(f"{self.name} is not applied", field=self.name)
         self.end_call()  # per-call changes sit on top of the applied ones: they go first
         self._edits.undo()
-        self._edits = self._call = None
+        self._edits = self._per_call = None
         self.reset()
         self.pipe = self.state = None
 
@@ -158,14 +158,14 @@ class Optimization:
         """The record for changes that live for the current call only (hooks that count one pass, wrappers
         around a ControlNet): undone by :meth:`end_call` -- which ``Accelerated`` runs in a ``finally`` --, by
         :meth:`reset` before the next call, and by ``remove()``."""
-        if self._call is None:
+        if self._per_call is None:
             raise DiffspeedError(f"{self.name} is not applied", field=self.name)
-        return self._call
+        return self._per_call
 
     def end_call(self) -> None:
         """The call is over (returned or raised): drop every per-call change and per-call hook bookkeeping."""
-        if self._call is not None:
-            self._call.undo()
+        if self._per_call is not None:
+            self._per_call.undo()
         if self._edits is not None:
             self._edits.end_call()
 

@@ -36,14 +36,14 @@ import ctypes
 import ctypes.util
 import dataclasses
 import inspect
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-
+from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
+from diffspeed.core.spill import make_spill_dir, remove_spill_dir
 from diffspeed.errors import DiffspeedError
+
+torch = lazy_import("torch")
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _ENCODE_ONLY = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "clip_skip")
@@ -253,11 +253,15 @@ class Staged(Optimization):
             return "the generator list does not match the number of images"  # the pipeline raises its error
         return None
 
-    @torch.no_grad()  # as the pipeline's own __call__
     def _run(self, call, kw: dict):
+        with torch.no_grad():  # as the pipeline's own __call__
+            return self._run_phases(call, kw)
+
+    def _run_phases(self, call, kw: dict):
         c = self.config
         released: list[tuple[str, _Released]] = []
-        spill = Path(tempfile.mkdtemp(prefix="diffspeed-staged-", dir=c.spill_dir)) if c.release else None
+        # named for this pid: removed on exit and SIGTERM, swept by the next process if this one is killed
+        spill = make_spill_dir(c.spill_dir) if c.release else None
         try:
             embeds, cfg = self._encode(kw)
             if c.release:
@@ -268,8 +272,7 @@ class Staged(Optimization):
             return self._decode(call, kw, embeds, latents)
         finally:
             self._restore(released)
-            if spill is not None:
-                shutil.rmtree(spill, ignore_errors=True)
+            remove_spill_dir(spill)
 
     # -------------------------------------------------------------------------------------- phases
     def _encode(self, kw) -> tuple[dict, bool]:

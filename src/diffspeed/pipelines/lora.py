@@ -166,6 +166,9 @@ def load_lora(pipe, source: str | Path, *, weight: float = 1.0, name: str | None
         raise DiffspeedError(f"lora: an adapter named {name!r} is already loaded", field="lora")
     with _CaptureWarnings("diffusers") as captured, warnings.catch_warnings():
         warnings.filterwarnings("ignore", _PEFT_EXTRA_TARGETS, RuntimeWarning)
+        # peft warns whenever a second adapter joins the first; diffspeed keeps several by name on purpose
+        # (set_loras switches and weighs them), so that is the intended state, not a mistake
+        warnings.filterwarnings("ignore", r"Already found a `peft_config` attribute in the model", UserWarning)
         try:
             pipe.load_lora_weights(_read(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as err:
