@@ -74,6 +74,11 @@ def test_listings_without_torch(tmp_path, argv):
     (["bench", "--out", "file.txt"], "out"),
     (["bench", "--device", "tpu"], "device"),
     (["generate", "x", "--steps", "abc"], "--steps"),
+    (["generate", "x", "--lora", "tiny-sd-lora-monochrome:abc"], "lora weight"),
+    (["generate", "x", "--recipe", "file.txt"], "recipe"),
+    (["generate", "x", "--opt", "deepcache:interval=0"], "deepcache.interval"),
+    (["generate", "x", "--opt", "sampler:steps=3", "--steps", "2"], "steps"),
+    (["generate", "x", "--init-image", "missing.png"], "init_image"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_validation_errors_without_torch(tmp_path, argv, field):
     (tmp_path / "file.txt").write_text("not a folder")

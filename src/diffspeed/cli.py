@@ -178,11 +178,14 @@ def cmd_generate(args) -> int:
         hires_upscaler=args.hires_upscaler, control_image=args.control_image, controlnet=args.controlnet,
         control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
         refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_mode=args.refiner_mode)
-    recipe = build_recipe(args.recipe, args.opt, args.preset, str(resolve_device(args.device)))
-    resolve_sampling(request, recipe)  # a request/recipe sampler conflict fails before any model loads
     from diffspeed.pipelines.lora import parse_lora_spec, resolve_lora_path
 
     loras = [(resolve_lora_path(p), w) for p, w in map(parse_lora_spec, args.lora)]  # fail before loading
+    # only a preset depends on the device (its hardware class): finding out whether CUDA is there needs torch,
+    # which a recipe file's or an --opt's validation does not
+    device = str(resolve_device(args.device)) if args.preset else (args.device or "cpu")
+    recipe = build_recipe(args.recipe, args.opt, args.preset, device)
+    resolve_sampling(request, recipe)  # a request/recipe sampler conflict fails before any model loads
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)
     if loras:
