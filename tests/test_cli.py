@@ -245,3 +245,17 @@ def test_main_help_lists_exit_codes(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "exit codes:" in out and "130  interrupted" in out and "--debug" in out
+
+
+def test_generate_shows_the_slow_dtype_warning_in_one_line(tmp_path, capsys, monkeypatch):
+    """quiet_loading hides library UserWarnings while a command runs; diffspeed's own SlowDtypeWarning still
+    reaches the user, as one line."""
+    from diffspeed import hardware
+
+    monkeypatch.setattr(hardware, "is_fast", lambda profile, dtype: (False, f"{dtype} matmul 61x slower (test)"))
+    assert main(["generate", PROMPT, "--seed", "1", "--steps", "1", "--opt", "precision:unet=bf16",
+                 "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "SlowDtype" in line or "slower than fp32" in line]
+    assert lines == ["diffspeed: warning: precision: bf16 compute is slower than fp32 on this cpu (bf16 matmul 61x "
+                     "slower (test)); set precision.compute = \"fp32\" to keep the memory saving at fp32 speed"], err

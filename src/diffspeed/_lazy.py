@@ -12,17 +12,19 @@ from types import ModuleType
 
 
 class _LazyModule:
-    __slots__ = ("_name", "_module")
-
     def __init__(self, name: str):
         self._name = name
         self._module: ModuleType | None = None
 
     def __getattr__(self, attr: str):
+        """Called only for names not yet looked up: each is then kept on the instance, so the hooks that use
+        ``torch.cat`` on every denoiser call pay a plain attribute lookup, not this method."""
         module = self._module
         if module is None:
             module = self._module = importlib.import_module(self._name)
-        return getattr(module, attr)
+        value = getattr(module, attr)
+        self.__dict__[attr] = value
+        return value
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}{' (loaded)' if self._module is not None else ''}>"

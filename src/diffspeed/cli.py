@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from diffspeed.errors import DiffspeedError
@@ -167,6 +168,7 @@ def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = 
 def cmd_generate(args) -> int:
     import diffspeed
     from diffspeed.generate import resolve_sampling
+    from diffspeed.hardware import SlowDtypeWarning
     from diffspeed.pipelines.load import resolve_device
 
     request = diffspeed.GenerateRequest(  # steps, sampler, cfg_scale: None lets resolve_sampling decide
@@ -195,7 +197,13 @@ def cmd_generate(args) -> int:
             load_lora(pipe, path, weight=weight)
         if args.fuse_lora:
             fuse_loras(pipe)
-    with diffspeed.accelerate(pipe, recipe) as fast:
+    with warnings.catch_warnings(record=True) as caught:  # quiet_loading hides UserWarnings: keep ours
+        warnings.simplefilter("always", SlowDtypeWarning)
+        fast = diffspeed.accelerate(pipe, recipe)
+    for w in caught:
+        if issubclass(w.category, SlowDtypeWarning):
+            print(f"diffspeed: warning: {w.message}", file=sys.stderr)
+    with fast:
         result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None,
                                     preset=args.preset)
     for path in diffspeed.save_images(result, args.out):
@@ -378,6 +386,9 @@ def cmd_presets(args) -> int:
         here, why = args.profile, f"chosen with --profile (this machine resolves to {here}: {why})"
     print(f"hardware: {profile.summary()}")
     print(f"presets resolve to {here}: {why}")
+    if profile.kind == "cpu" and Path("/proc/driver/nvidia").exists():  # knowing more needs torch (CUDA)
+        print("an NVIDIA driver is present: on the GPU the presets resolve to a cuda class; "
+              "`diffspeed presets --probe` shows which")
     for name in PRESETS:
         preset = load_preset(name)
         print(f"\n{name}: {' '.join(preset.description.split())}")

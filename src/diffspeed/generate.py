@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -18,8 +19,10 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from diffspeed import __version__
+from diffspeed._io import write_beside
 from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError, check_range
+from diffspeed.pipelines.lora import lora_parameters
 from diffspeed.pipelines.samplers import get_sampler
 from diffspeed.pipelines.workflows import (
     canonical_upscaler,
@@ -262,7 +265,7 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
     kind = request.workflow
     notes = []
     if hasattr(runner, "check_workflows"):  # reject what the recipe cannot do before any work starts
-        notes = runner.check_workflows([kind] + (["lora"] if _loras(pipe) else [])
+        notes = runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else [])
                                        + (["controlnet"] if request.controlnet is not None else [])
                                        + (["refiner"] if request.refiner is not None else []))
     seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - request.batch_size)
@@ -329,26 +332,13 @@ def _restore_bar_configs(saved: list[tuple[Any, Any]]) -> None:
 _UNSET = object()
 
 
-def _loras(pipe) -> list:
-    """The pipeline's active LoRAs (none loaded: no LoRA state is created on the pipeline)."""
-    if not hasattr(pipe, "diffspeed_loras"):
-        return []
-    from diffspeed.pipelines.lora import active_loras
-
-    return active_loras(pipe)
-
-
 def _infotext(pipe, request: GenerateRequest, seeds: list[int], size: tuple[int, int], extra: dict, recipe,
               preset: str | None) -> list[str]:
     """Each image's parameters text: the web UI's entries, then what else changed the image -- LoRA weights,
     the preset and recipe, the device and load dtype -- so that :mod:`diffspeed.reproduce` can redo it."""
     info = getattr(pipe, "diffspeed_model", None)
-    loras = _loras(pipe)
     head = {"Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale}
-    tail = {**({"Model hash": info.hash, "Model": info.name} if info else {}), **extra}
-    if loras:  # the web UI writes <lora:name:weight> into the prompt; diffspeed keeps the prompt as given
-        tail["Lora hashes"] = ", ".join(f"{i.name}: {i.hash}" for i in loras)
-        tail["Lora weights"] = ", ".join(f"{i.name}: {i.weight}" for i in loras)
+    tail = {**({"Model hash": info.hash, "Model": info.name} if info else {}), **extra, **lora_parameters(pipe)}
     if preset:
         tail["Diffspeed preset"] = preset
     if recipe is not None and recipe.optimizations:
@@ -690,19 +680,10 @@ def _reserve(folder: Path, n: int, seed: int) -> tuple[Path, int]:
 
 
 def _write_onto(path: Path, image, params: str) -> None:
-    """Write the PNG to a temporary name next to ``path`` (same file system, so the rename is atomic) and
-    rename it onto the reserved ``path``; on failure remove the temporary file and the reservation."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{random.getrandbits(32):08x}.part")
+    """Write the PNG beside the reserved ``path`` and rename it onto it; on failure the reservation goes too."""
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 minus the umask
-        save_png(image, tmp, params)
-        os.replace(tmp, path)
-    except BaseException as err:
-        for leftover in (tmp, path):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-        if isinstance(err, OSError):
-            raise DiffspeedRuntimeError(f"out: cannot write {path}: {err.strerror or err}", field="out") from err
+        write_beside(path, lambda partial: save_png(image, partial, params), field="out")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise

@@ -23,8 +23,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from diffspeed._io import write_text_beside
 from diffspeed._lazy import lazy_import
-from diffspeed.errors import DiffspeedError
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 
 torch = lazy_import("torch")
 
@@ -220,13 +221,11 @@ def probe(profile: HardwareProfile | None = None, *, device: str = "cpu", refres
             return cached
     measured = measure(device if profile.kind == "cuda" else "cpu")
     path = _cache_file(profile)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": profile_key(profile), "profile": profile.name,
-                                   "torch": profile.torch_version, "measured": measured}, indent=2) + "\n")
-        os.replace(tmp, path)  # two processes probing at once each write a whole file
-    except OSError:
+    try:  # two processes probing at once each write a whole file
+        write_text_beside(path, json.dumps({"key": profile_key(profile), "profile": profile.name,
+                                            "torch": profile.torch_version, "measured": measured}, indent=2) + "\n",
+                          field="cache")
+    except DiffspeedRuntimeError:
         pass  # a read-only home still gets its answer, measured again next time
     return dataclasses.replace(profile, measured=measured, source="probe")
 

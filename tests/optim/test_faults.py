@@ -109,14 +109,11 @@ def pipe(request):
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-@pytest.mark.parametrize("recipe_id,make", [p.values for p in _recipes()],
-                         ids=[p.id for p in _recipes()])
+@pytest.mark.parametrize("recipe_id,make", _recipes())  # compile's cases carry the slow mark: -m slow
 def test_fault_leaves_nothing_behind(pipe, recipe_id, make, fault):
     recipe = make()
     if any(get.requirements(c, pipe) for c in recipe.optimizations for get in [OPTS[c.name]]):
         pytest.skip(f"{recipe_id} cannot run on this pipeline here")
-    if any(getattr(OPTS[c.name], "contract_slow", False) for c in recipe.optimizations):
-        pytest.skip(f"{recipe_id} compiles (covered with -m slow by the single-optimization case)")
     reference, n_calls = _reference(pipe, recipe_id, make)
     before = snapshot(pipe)
     fast = Accelerated(pipe, recipe)

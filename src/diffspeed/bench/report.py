@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from diffspeed._io import write_text_beside
 
 FASTER = "speed > 1x is faster than the baseline; memory < 1x is leaner"
 
@@ -257,15 +258,8 @@ def draw_plots(data: dict, out: Path) -> dict:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: a reader never sees half a report, and an
-    interrupted run leaves the previous one whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A reader never sees half a report, and an interrupted run leaves the previous one whole."""
+    write_text_beside(Path(path), text, field="out")
 
 
 def write_reports(data: dict, out: Path) -> dict:

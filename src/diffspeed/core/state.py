@@ -6,6 +6,7 @@ timesteps on second-order samplers (Heun, DPM2) and costs a host sync per lookup
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,15 @@ class RunState:
                                  f"no scheduler timesteps), so {name}.{field} cannot be placed; give a step index "
                                  "instead of a fraction", field=field)
         return self.total_steps
+
+    def call_at(self, step: int | None, fraction: float, name: str, field: str) -> int:
+        """The denoiser call index where a setting starts: ``step`` when given, else ``fraction`` of the schedule
+        (which must be known, see :meth:`require_schedule`); a fraction of 1 or more is never reached."""
+        if step is not None:
+            return step
+        if fraction >= 1.0:
+            return 2**62
+        return math.ceil(fraction * self.require_schedule(name, field) - 1e-9)
 
     @property
     def progress(self) -> float:

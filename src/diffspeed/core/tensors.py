@@ -10,7 +10,6 @@ from diffspeed._lazy import lazy_import
 torch = lazy_import("torch")
 
 
-
 def map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor inside ``x`` (nested tuples, lists and dicts); other values pass through."""
     if isinstance(x, torch.Tensor):

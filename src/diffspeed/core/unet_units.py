@@ -18,7 +18,6 @@ from diffspeed._lazy import lazy_import
 torch = lazy_import("torch")
 
 
-
 @dataclass(frozen=True)
 class Unit:
     """Modules that run one after another inside ``block`` and together make one step of the path."""

@@ -10,7 +10,6 @@ ControlNet residuals, and it clears ``state.cfg`` so block-level caches know the
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
@@ -41,14 +40,9 @@ class CfgCutoff(Optimization):
     example = {"fraction": 0.5}
 
     def cutoff(self, state: RunState) -> int:
-        """The first denoiser call without guidance; a fraction needs the schedule's length (never guessed:
-        an unknown length read as 0 would drop guidance from the first step)."""
-        c = self.config
-        if c.step is not None:
-            return c.step
-        if c.fraction >= 1.0:
-            return 2**62  # keeps guidance everywhere, whatever the length
-        return math.ceil(c.fraction * state.require_schedule(self.name, "fraction") - 1e-9)
+        """The first denoiser call without guidance (an unknown schedule length is refused, never read as 0,
+        which would drop guidance from the first step)."""
+        return state.call_at(self.config.step, self.config.fraction, self.name, "fraction")
 
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         edits.wrap_method(pipe.unet, "forward", self._forward)

@@ -14,7 +14,6 @@ batch. ``stats["tgate_cached_calls"]`` counts cross-attention calls served from 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from diffspeed._lazy import lazy_import
 from diffspeed.core import Edits, Optimization, RunState, param, register
@@ -51,13 +50,8 @@ class Tgate(Optimization):
         self._cache: dict[int, torch.Tensor] = {}
 
     def gate(self, state: RunState) -> int:
-        """The first gated denoiser call; a fraction needs the schedule's length, which is never guessed."""
-        c = self.config
-        if c.gate_step is not None:
-            return c.gate_step
-        if c.gate_fraction >= 1.0:
-            return 2**62  # never gates, whatever the length
-        return math.ceil(c.gate_fraction * state.require_schedule(self.name, "gate_fraction") - 1e-9)
+        """The first gated denoiser call."""
+        return state.call_at(self.config.gate_step, self.config.gate_fraction, self.name, "gate_fraction")
 
     def _forward(self, key: int):
         def forward(inner, hidden_states, *args, **kwargs):

@@ -9,7 +9,6 @@ unmerges the output), so no diffusers forward is copied and remove() drops the h
 
 ``max_downsample`` follows tomesd: merge in blocks whose latent is downsampled by at most this factor. The
 tomesd default of 1 does nothing on SDXL, whose first attention sits at downsample 2, so the default comes
-from diffspeed._lazy import lazy_import
 from the model family (diffspeed.adapters).
 """
 

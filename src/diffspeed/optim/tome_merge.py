@@ -18,7 +18,6 @@ from diffspeed._lazy import lazy_import
 torch = lazy_import("torch")
 
 
-
 @dataclass
 class Merge:
     """What :func:`unmerge` needs to put ``N - r`` outputs back on ``N`` tokens."""

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from diffspeed._io import write_beside
 from diffspeed.errors import DiffspeedError
 from diffspeed.pipelines.load import SINGLE_FILE_SUFFIXES
 from diffspeed.pipelines.single_file import (
@@ -36,7 +37,6 @@ from diffspeed.pipelines.single_file import (
     original_state_dict,
     read_weights_pickle,
     save_tensors,
-    write_beside,
 )
 
 EMA_PREFIX = "model_ema."

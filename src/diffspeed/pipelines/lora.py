@@ -266,10 +266,13 @@ def unload_loras(pipe) -> None:
 
 
 def lora_parameters(pipe) -> dict[str, str]:
-    """The web UI's PNG entry for the active LoRAs: ``{"Lora hashes": "name: hash, ..."}`` (empty if none)."""
-    if not hasattr(pipe, "diffspeed_loras"):
+    """The PNG entries for the active LoRAs (empty if none): the web UI's ``Lora hashes`` ("name: hash, ...")
+    and ``Lora weights`` ("name: weight, ..."; the web UI writes ``<lora:name:weight>`` into the prompt instead,
+    diffspeed keeps the prompt as given)."""
+    if not hasattr(pipe, "diffspeed_loras"):  # none ever loaded: create no LoRA state on the pipeline
         return {}
     active = active_loras(pipe)
     if not active:
         return {}
-    return {"Lora hashes": ", ".join(f"{i.name}: {i.hash}" for i in active)}
+    return {"Lora hashes": ", ".join(f"{i.name}: {i.hash}" for i in active),
+            "Lora weights": ", ".join(f"{i.name}: {i.weight}" for i in active)}

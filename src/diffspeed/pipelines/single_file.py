@@ -24,7 +24,7 @@ import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffspeed._io import write_beside
 from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 from diffspeed.pipelines.load import parse_dtype
 
@@ -115,30 +116,6 @@ def export_single_file(pipe, path: str | Path, *, dtype=None, overwrite: bool = 
     return path
 
 
-def write_beside(dst: Path, write: Callable[[Path], None], *, field: str) -> None:
-    """Safe write: ``write(partial)`` fills a temporary file in ``dst``'s folder, renamed onto ``dst`` only once
-    ``write`` returns (so it may verify the file first); ``dst`` is never half written.
-
-    On any failure the temporary file goes, and so do the folders made here for ``dst`` (never ones that were
-    there before). An ``OSError`` becomes one :class:`DiffspeedRuntimeError` line naming ``dst`` and the real
-    cause (read-only file system, disk full): the cleanup's own errors never replace it.
-    """
-    made: list[Path] = []
-    # the temporary name keeps dst's suffix: diffusers picks its reader by suffix when write() verifies
-    partial = dst.with_name(f".{dst.stem}.{os.getpid()}.partial{dst.suffix}")
-    try:
-        made = _missing_folders(dst.parent)
-        for folder in reversed(made):  # outermost first
-            folder.mkdir(exist_ok=True)
-        write(partial)
-        os.replace(partial, dst)
-    except BaseException as err:
-        _remove_quietly(partial, made)
-        if isinstance(err, OSError):
-            raise DiffspeedRuntimeError(f"{field}: cannot write {dst}: {err.strerror or err}", field=field) from err
-        raise
-
-
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file``, whose I/O failures (a ``SafetensorError`` carrying "os error 30")
     are raised as the ``OSError`` they are, so callers can say "read-only file system"."""
@@ -149,25 +126,6 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, innermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_quietly(partial: Path, folders: list[Path]) -> None:
-    """Best-effort cleanup after a failed write: on a read-only file system even ``unlink`` of a missing file
-    fails (EROFS), and that must not hide why the write failed. ``rmdir`` only removes empty folders."""
-    with contextlib.suppress(OSError):
-        partial.unlink(missing_ok=True)
-    for folder in folders:  # innermost first
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def original_state_dict(pipe, *, dtype=None) -> dict[str, torch.Tensor]:
