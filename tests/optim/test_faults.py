@@ -67,7 +67,10 @@ def _reference(pipe, recipe_id: str, make) -> tuple[np.ndarray, int]:
     key = (id(pipe), recipe_id)
     if key not in _references:
         calls = []
-        with Accelerated(pipe, make()) as fast:
+        recipe = make()
+        with Accelerated(pipe, recipe) as fast:
+            if any(getattr(OPTS[c.name], "contract_slow", False) for c in recipe.optimizations):
+                run(fast)  # compile's first call traces and compiles: its rounding is not the compiled graph's
             handle = pipe.unet.conv_out.register_forward_pre_hook(lambda *_: calls.append(1))
             try:
                 images = run(fast)
@@ -114,15 +117,23 @@ def test_fault_leaves_nothing_behind(pipe, recipe_id, make, fault):
     recipe = make()
     if any(get.requirements(c, pipe) for c in recipe.optimizations for get in [OPTS[c.name]]):
         pytest.skip(f"{recipe_id} cannot run on this pipeline here")
-    reference, n_calls = _reference(pipe, recipe_id, make)
-    before = snapshot(pipe)
-    fast = Accelerated(pipe, recipe)
-    try:
-        _fail_once(fast, pipe, fault, n_calls)
-        assert np.array_equal(run(fast), reference), "the call after the fault differs from a fresh run"
-    finally:
-        fast.remove()
+    compiled = any(getattr(OPTS[c.name], "contract_slow", False) for c in recipe.optimizations)
+    # a compiled UNet ignores hooks added after it was traced unless dynamo guards on them: the injected fault
+    # must reach the compiled code (through a recompile), as a real failure in a block would
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not compiled):
+        reference, n_calls = _reference(pipe, recipe_id, make)
+        before = snapshot(pipe)
+        fast = Accelerated(pipe, recipe)
+        try:
+            _fail_once(fast, pipe, fault, n_calls)
+            after = run(fast)
+        finally:
+            fast.remove()
     assert_same(before, snapshot(pipe))
+    if compiled:  # the fault's recompiles give another graph (or dynamo's eager fallback): float rounding apart
+        np.testing.assert_allclose(after, reference, atol=1e-5, err_msg="the call after the fault drifted")
+    else:
+        assert np.array_equal(after, reference), "the call after the fault differs from a fresh run"
 
 
 def test_repeated_faults_grow_nothing(tiny_sd):
