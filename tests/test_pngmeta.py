@@ -80,3 +80,10 @@ def test_sd_parsers_reads_diffspeeds_png(tiny_sd, tmp_path):
     assert sampler.name == "Euler a" and sampler.model.name == "tiny-sd"
     assert {k: sampler.parameters[k] for k in ("seed", "steps", "cfg_scale")} == {"seed": "11", "steps": "2",
                                                                                   "cfg_scale": "4.5"}
+
+
+def test_whitespace_ending_the_negative_prompts_first_line_round_trips():
+    """Found by hypothesis: U+2028 (whitespace to str.strip) ending the negative prompt's first line was eaten."""
+    for neg in ("0\u2028\n\"", "a \nb", "x\t\ny"):
+        text = format_parameters("p", neg, PARAMS)
+        assert parse_parameters(text)["negative_prompt"] == neg, repr(neg)

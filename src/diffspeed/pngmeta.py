@@ -83,7 +83,9 @@ def parse_parameters(text: str) -> dict:
     for line in head:
         if not in_neg and line.startswith(NEGATIVE):
             in_neg = True
-            line = line[len(NEGATIVE):].strip()
+            # only the one space the writer puts after the label: str.strip() would also eat whitespace that
+            # belongs to the prompt (U+2028 ends its first line, say), which the writer left unquoted
+            line = line[len(NEGATIVE):].removeprefix(" ")
         (neg_lines if in_neg else prompt_lines).append(line)
     out = {"prompt": _uncarry("\n".join(prompt_lines)), "negative_prompt": _uncarry("\n".join(neg_lines))}
     for key, value in _PAIR.findall(last):
