@@ -32,25 +32,52 @@ _OUT_OF_MEMORY = {
 }
 
 
+# GenerateRequest fields -> (option strings, extra help) where the CLI's name differs from --field-name
+_FLAG_NAMES = {"negative_prompt": ("-n", "--negative-prompt"), "mask_image": ("--mask", "--mask-image")}
+_GROUPS = {"init_image": "img2img / inpaint / hires fix", "controlnet": "ControlNet / SDXL refiner"}
+
+
+def add_request_arguments(parser) -> None:
+    """One option per :class:`~diffspeed.request.GenerateRequest` field, derived from the model: its name,
+    type, default and description (``prompt`` is positional; booleans get ``--x/--no-x``)."""
+    import typing
+
+    from diffspeed.request import GenerateRequest
+
+    group = parser
+    for name, info in GenerateRequest.model_fields.items():
+        if name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[name])
+        help_text = info.description or name
+        if name == "prompt":
+            group.add_argument("prompt", help=help_text)
+            continue
+        flags = _FLAG_NAMES.get(name, (f"--{name.replace('_', '-')}",))
+        default = info.default
+        kinds = [t for t in typing.get_args(info.annotation) or (info.annotation,) if t is not type(None)]
+        kind = next((t for t in kinds if t in (bool, int, float)), str)
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{help_text} (default: {'on' if default else 'off'})")
+            continue
+        shown = "" if default is None or default == "" else f" (default: {default})"
+        group.add_argument(*flags, dest=name, type=kind, default=default, help=help_text + shown)
+    parser.add_argument("--no-overlay", dest="inpaint_overlay", action="store_false",
+                        help="the same as --no-inpaint-overlay")
+
+
+def request_from_args(args):
+    """The :class:`GenerateRequest` of parsed ``args`` (see :func:`add_request_arguments`)."""
+    from diffspeed.request import GenerateRequest
+
+    return GenerateRequest(**{name: getattr(args, name) for name in GenerateRequest.model_fields})
+
+
 def _add_generate(sub) -> None:
-    from diffspeed.generate import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
     from diffspeed.pipelines.load import DEFAULT_MODEL
-    from diffspeed.pipelines.samplers import SAMPLERS
-    from diffspeed.pipelines.workflows import HIRES_UPSCALERS
 
     p = sub.add_parser("generate", help="text to image; writes PNGs with web-UI 'parameters' metadata")
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument("-n", "--negative-prompt", default="", help="what to steer away from (default: nothing)")
-    p.add_argument("--seed", type=int, default=-1, help="-1 (default) picks a random seed and reports it")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"denoising steps, 1..1000 (default: the recipe's sampler steps, else {DEFAULT_STEPS})")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 0..50 (default: "
-                   f"the shipped model's recommended scale from its card, else {DEFAULT_CFG:g})")
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--batch-size", type=int, default=1, help="images per call, 1..64 (seeds seed, seed+1, ...)")
-    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default: the recipe's "
-                   f"sampler, else {DEFAULT_SAMPLER})")
+    add_request_arguments(p)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="shipped name (tiny-sd, tiny-sdxl), diffusers folder, .safetensors file or hub id")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin (read weights_only)")
@@ -64,31 +91,6 @@ def _add_generate(sub) -> None:
                    help="apply a LoRA (.safetensors, diffusers or kohya layout, or the shipped "
                    "tiny-sd-lora-monochrome), weight default 1 (repeatable)")
     p.add_argument("--fuse-lora", action="store_true", help="fold the LoRAs into the weights before generating")
-    w = p.add_argument_group("img2img / inpaint / hires fix")
-    w.add_argument("--init-image", default=None, help="img2img: start from this image (size: the image's, or "
-                   "--width/--height)")
-    w.add_argument("--mask", default=None, help="inpaint: mask image, white = repaint (needs --init-image)")
-    w.add_argument("--denoising-strength", type=float, default=None,
-                   help="0..1 (default 0.75 for img2img/inpaint, 0.7 for the hires pass)")
-    w.add_argument("--mask-blur", type=int, default=4, help="inpaint mask edge blur in pixels, 0..64")
-    w.add_argument("--no-overlay", action="store_true",
-                   help="inpaint: keep the generated pixels outside the mask instead of pasting the original")
-    w.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale factor 1..4 (1 = off)")
-    w.add_argument("--hires-steps", type=int, default=0, help="hires fix: second-pass steps (0 = --steps)")
-    w.add_argument("--hires-upscaler", default="Latent", help=f"hires fix upscaler: {', '.join(HIRES_UPSCALERS)}")
-    c = p.add_argument_group("ControlNet / SDXL refiner")
-    c.add_argument("--control-image", default=None, help="ControlNet: the control image (needs --controlnet)")
-    c.add_argument("--controlnet", default=None, help="ControlNet: a diffusers ControlNetModel folder or a shipped "
-                   "name (tiny-sd-controlnet-mask; tiny-sdxl-controlnet-mask once trained by "
-                   "tools/train_tiny_extras.py)")
-    c.add_argument("--control-scale", type=float, default=1.0, help="ControlNet weight, 0..2")
-    c.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
-    c.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
-    c.add_argument("--refiner", default=None, help="SDXL refiner: shipped name (tiny-sdxl-refiner) or folder")
-    c.add_argument("--refiner-switch-at", type=float, default=0.8,
-                   help="fraction of the steps after which the refiner takes over, 0.01..1")
-    c.add_argument("--refiner-mode", default="ensemble", help="ensemble (hand over noisy latents) or img2img "
-                   "(refine the finished image at strength 1 - switch-at)")
     p.add_argument("--preset", default=None, help="a goal preset: quality, balanced, fastest, low-vram-8gb, "
                    "low-vram-6gb, low-vram-4gb: the recipe for this device's hardware class (see diffspeed presets)")
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
@@ -170,16 +172,11 @@ def cmd_generate(args) -> int:
     from diffspeed.generate import resolve_sampling
     from diffspeed.hardware import SlowDtypeWarning
     from diffspeed.pipelines.load import resolve_device
+    from diffspeed.resolve import Resolver
 
-    request = diffspeed.GenerateRequest(  # steps, sampler, cfg_scale: None lets resolve_sampling decide
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-        cfg_scale=args.cfg_scale, width=args.width, height=args.height, batch_size=args.batch_size,
-        sampler=args.sampler, init_image=args.init_image,
-        mask_image=args.mask, denoising_strength=args.denoising_strength, mask_blur=args.mask_blur,
-        inpaint_overlay=not args.no_overlay, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
-        hires_upscaler=args.hires_upscaler, control_image=args.control_image, controlnet=args.controlnet,
-        control_scale=args.control_scale, control_start=args.control_start, control_end=args.control_end,
-        refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_mode=args.refiner_mode)
+    request = request_from_args(args)  # steps, sampler, cfg_scale: None lets resolve_sampling decide
+    resolver = Resolver()
+    resolver.check(request)  # a missing image or ControlNet/refiner folder fails before any model loads
     from diffspeed.pipelines.lora import parse_lora_spec, resolve_lora_path
 
     loras = [(resolve_lora_path(p), w) for p, w in map(parse_lora_spec, args.lora)]  # fail before loading
@@ -205,7 +202,7 @@ def cmd_generate(args) -> int:
             print(f"diffspeed: warning: {w.message}", file=sys.stderr)
     with fast:
         result = diffspeed.generate(pipe, request, runner=fast if recipe.optimizations else None,
-                                    preset=args.preset)
+                                    preset=args.preset, resolver=resolver)
     for path in diffspeed.save_images(result, args.out):
         print(path)
     if recipe.optimizations:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -16,153 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffspeed import __version__
 from diffspeed._io import write_beside
 from diffspeed._lazy import lazy_import
-from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError, check_range
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 from diffspeed.pipelines.lora import lora_parameters
 from diffspeed.pipelines.samplers import get_sampler
 from diffspeed.pipelines.workflows import (
     canonical_upscaler,
-    controlnet_dir,
     fit_size,
     hires_upscaler,
-    load_controlnet,
-    load_image,
-    load_refiner,
     paste_outside_mask,
     prepare_mask,
-    refiner_dir,
     upscale_images,
     upscale_latents,
     vae_round_trip,
     workflow_pipeline,
 )
 from diffspeed.pngmeta import format_parameters, save_png
+from diffspeed.request import MAX_SEED, REFINER_MODES, GenerateRequest, RequestError  # noqa: F401 (re-exported)
 
 torch = lazy_import("torch")  # validating a request must not load torch (the CLI's fast error path)
 
-MAX_SEED = 2**32 - 1
-REFINER_MODES = ("ensemble", "img2img")
 DEFAULT_STEPS = 20
 DEFAULT_SAMPLER = "DPM++ 2M"
 DEFAULT_CFG = 7.0  # the web UI's default, for models without a card that recommends another
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerateRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = -1  # -1: a random seed, reported in the result and the PNG
-    # steps, sampler and cfg_scale: None = not given; see resolve_sampling for who decides then
-    steps: int | None = None  # denoising steps, 1..1000 (the schedules are trained with 1000)
-    cfg_scale: float | None = None  # classifier-free guidance, 0..50; <= 1 disables the unconditional pass
-    width: int | None = None  # pixels, a multiple of 8 in 64..2048; None: the model's native size
-    height: int | None = None
-    batch_size: int = 1  # images per call, 1..64, seeds seed, seed+1, ...
-    sampler: str | None = None  # a web-UI sampler name, see diffspeed.pipelines.samplers.SAMPLERS
-    # img2img / inpaint: an init image (path, PIL image or array) and, for inpaint, a mask (white = repaint)
-    init_image: Any = None
-    mask_image: Any = None
-    denoising_strength: float | None = None  # 0..1; None: 0.75 for img2img / inpaint, 0.7 for the hires pass
-    mask_blur: int = 4  # pixels of Gaussian blur on the mask edge, 0..64 (the web UI's "Mask blur")
-    inpaint_overlay: bool = True  # paste the original back outside the (blurred) mask, as the web UI does
-    # hires fix (txt2img only): a first pass at width x height, upscale, then an img2img pass at the new size
-    hires_scale: float = 1.0  # 1 = off; 1..4
-    hires_steps: int = 0  # second-pass steps, 0 = the same as steps
-    hires_upscaler: str = "Latent"  # see diffspeed.pipelines.workflows.HIRES_UPSCALERS
-    # ControlNet (any workflow): a control image (path, PIL image or array) and the ControlNet that reads it --
-    # a diffusers ControlNetModel folder, a shipped name ("tiny-sd-controlnet-mask") or a loaded ControlNetModel
-    control_image: Any = None
-    controlnet: Any = None
-    control_scale: float = 1.0  # 0..2, the web UI's "Control Weight"; 0 = the plain image
-    control_start: float = 0.0  # 0..1, fraction of the steps before control starts ("Starting Control Step")
-    control_end: float = 1.0  # 0..1, fraction of the steps after which control stops ("Ending Control Step")
-    # SDXL refiner (txt2img): a shipped name ("tiny-sdxl-refiner"), an SDXL folder or a loaded pipeline
-    refiner: Any = None  # None: off
-    refiner_switch_at: float = 0.8  # 0.01..1, fraction of the steps after which the refiner takes over; 1 = off
-    refiner_mode: str = "ensemble"  # "ensemble": hand over the noisy latents; "img2img": refine the finished image
-
-    def __post_init__(self):
-        if not isinstance(self.prompt, str):
-            raise DiffspeedError(f"prompt must be text, got {type(self.prompt).__name__}", field="prompt")
-        check_range("seed", self.seed, -1, MAX_SEED)
-        if self.steps is not None:
-            check_range("steps", self.steps, 1, 1000)
-        if self.cfg_scale is not None:
-            check_range("cfg_scale", self.cfg_scale, 0.0, 50.0, kind=float)
-        check_range("batch_size", self.batch_size, 1, 64)
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None:
-                check_range(name, value, 64, 2048)
-                if value % 8:
-                    raise DiffspeedError(f"{name} must be a multiple of 8 in [64, 2048], got {value}", field=name)
-        if self.sampler is not None:
-            get_sampler(self.sampler)
-        if self.denoising_strength is not None:
-            check_range("denoising_strength", self.denoising_strength, 0.0, 1.0, kind=float)
-        check_range("mask_blur", self.mask_blur, 0, 64)
-        check_range("hires_scale", self.hires_scale, 1.0, 4.0, kind=float)
-        check_range("hires_steps", self.hires_steps, 0, 1000)
-        hires_upscaler(self.hires_upscaler)
-        for name in ("init_image", "mask_image"):  # fail before any model is loaded
-            value = getattr(self, name)
-            if isinstance(value, (str, Path)) and not Path(value).expanduser().is_file():
-                raise DiffspeedError(f"{name}: no such image file: {value}", field=name)
-        if self.mask_image is not None and self.init_image is None:
-            raise DiffspeedError("mask_image needs an init_image to inpaint", field="mask_image")
-        if self.hires_scale > 1 and self.init_image is not None:
-            raise DiffspeedError("hires fix (hires_scale > 1) is a txt2img option; with an init_image use "
-                                 "img2img at the size you want", field="hires_scale")
-        self._check_controlnet()
-        self._check_refiner()
-
-    def _check_controlnet(self) -> None:
-        check_range("control_scale", self.control_scale, 0.0, 2.0, kind=float)
-        check_range("control_start", self.control_start, 0.0, 1.0, kind=float)
-        check_range("control_end", self.control_end, 0.0, 1.0, kind=float)
-        if self.control_start >= self.control_end:
-            raise DiffspeedError(f"control_end must be greater than control_start ({self.control_start}), got "
-                                 f"{self.control_end}", field="control_end")
-        if self.control_image is not None and self.controlnet is None:
-            raise DiffspeedError("control_image needs a controlnet to read it", field="control_image")
-        if self.controlnet is not None and self.control_image is None:
-            raise DiffspeedError("controlnet needs a control_image", field="controlnet")
-        if isinstance(self.control_image, (str, Path)) and not Path(self.control_image).expanduser().is_file():
-            raise DiffspeedError(f"control_image: no such image file: {self.control_image}", field="control_image")
-        if isinstance(self.controlnet, (str, Path)):
-            controlnet_dir(self.controlnet)  # fail before any model is loaded
-
-    def _check_refiner(self) -> None:
-        check_range("refiner_switch_at", self.refiner_switch_at, 0.01, 1.0, kind=float)
-        if self.refiner_mode not in REFINER_MODES:
-            raise DiffspeedError(f"refiner_mode must be one of {', '.join(REFINER_MODES)}; got "
-                                 f"{self.refiner_mode!r}", field="refiner_mode")
-        if self.refiner is None:
-            return
-        if isinstance(self.refiner, (str, Path)):
-            refiner_dir(self.refiner)
-        if self.init_image is not None or self.hires_scale > 1:
-            raise DiffspeedError("refiner runs with txt2img; leave out init_image, mask_image and hires_scale",
-                                 field="refiner")
-
-    @property
-    def workflow(self) -> str:
-        """"inpaint", "img2img", "hires" or "txt2img", from the fields that are set."""
-        if self.mask_image is not None:
-            return "inpaint"
-        if self.init_image is not None:
-            return "img2img"
-        return "hires" if self.hires_scale > 1 else "txt2img"
-
-    @property
-    def strength(self) -> float:
-        if self.denoising_strength is not None:
-            return self.denoising_strength
-        return 0.7 if self.workflow == "hires" else 0.75
 
 
 @dataclass
@@ -245,8 +124,8 @@ def native_size(pipe) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=None,
-             preset: str | None = None) -> GenerateResult:
+def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=None, preset: str | None = None,
+             resolver=None, on_step=None) -> GenerateResult:
     """Run ``request`` on ``pipe``: txt2img, img2img, inpaint or hires fix, whichever its fields ask for, each
     with a ControlNet if the request names one, and txt2img with an SDXL refiner pass.
 
@@ -258,30 +137,60 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
     and its UNet calls are counted in ``stats["refiner_denoiser_calls"]``. ``preset``: the name of the preset
     the runner's recipe came from, for the infotext (which records the recipe itself either way).
 
+    ``resolver``: the :class:`~diffspeed.resolve.Resolver` that turns the request's images, ControlNet and
+    refiner into objects (a fresh one, accepting paths, if None). ``on_step(i, n)``: called after every
+    denoising step (``i`` of ``n`` in the current pass); if it returns true the call stops early: the rest of
+    each pass is skipped and the images are decoded from where it stopped (the web UI's interrupt).
+
     A call whose VAE decode returned NaN/inf and left an image black raises ``DiffspeedRuntimeError``.
     """
+    return generate_batch(pipe, [request], progress=progress, runner=runner, preset=preset, resolver=resolver,
+                          on_step=on_step)[0]
+
+
+def generate_batch(pipe, requests: list[GenerateRequest], *, progress: bool = True, runner=None,
+                   preset: str | None = None, resolver=None, on_step=None) -> list[GenerateResult]:
+    """Run several compatible requests (equal :meth:`GenerateRequest.batch_key`) as one pipeline call, each
+    image with its own prompt and seed; one result per request, each as :func:`generate` gives it alone (the
+    same latents; batched matrix products may round the last bit differently). Arguments as :func:`generate`.
+    """
+    if not requests:
+        return []
+    first = requests[0]
+    for other in requests[1:]:
+        if other.batch_key() != first.batch_key():
+            raise DiffspeedError("generate_batch: the requests differ in more than prompt, negative prompt, seed "
+                                 "and batch size; run them separately", field="requests")
+    from diffspeed.resolve import Resolver
+
+    resolver = resolver if resolver is not None else Resolver()
+    resolver.check(first)
     recipe = getattr(runner, "recipe", None)
-    sampling = resolve_sampling(request, recipe, pipe)
-    kind = request.workflow
+    sampling = resolve_sampling(first, recipe, pipe)
+    kind = first.workflow
     notes = []
     if hasattr(runner, "check_workflows"):  # reject what the recipe cannot do before any work starts
         notes = runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else [])
-                                       + (["controlnet"] if request.controlnet is not None else [])
-                                       + (["refiner"] if request.refiner is not None else []))
-    seed = request.seed if request.seed >= 0 else random.randint(0, MAX_SEED - request.batch_size)
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.batch_size)]
-    request = dataclasses.replace(request, seed=seed, **sampling._asdict())
-    truncated, cut_notes = _long_prompts(pipe, request)
+                                       + (["controlnet"] if first.controlnet is not None else [])
+                                       + (["refiner"] if first.refiner is not None else []))
+    resolved, groups = [], []
+    for r in requests:
+        seed = r.seed if r.seed >= 0 else random.randint(0, MAX_SEED - r.batch_size)
+        resolved.append(r.replace(seed=seed, **sampling._asdict()))
+        groups.append([(seed + i) % (MAX_SEED + 1) for i in range(r.batch_size)])
+    request = resolved[0]
+    seeds = [s for g in groups for s in g]
+    cuts = [_long_prompts(pipe, r) for r in resolved]
     sampler = get_sampler(request.sampler)
-    control = _Control.load(pipe, request) if request.controlnet is not None else None
+    control = _Control.load(pipe, request, resolver) if request.controlnet is not None else None
     refiner = None  # loaded once per call; switch_at 1.0 means the refiner never runs
     if request.refiner is not None and request.refiner_switch_at < 1.0:
-        refiner = load_refiner(request.refiner, pipe)
-    run = _Runner(pipe, runner, seeds, control)
-    common = dict(prompt=[request.prompt] * request.batch_size,
-                  negative_prompt=[request.negative_prompt] * request.batch_size if request.negative_prompt else None,
+        refiner = resolver.refiner(request.refiner, pipe)
+    run = _Runner(pipe, runner, seeds, control, on_step)
+    negatives = [r.negative_prompt for r, g in zip(resolved, groups) for _ in g]
+    common = dict(prompt=[r.prompt for r, g in zip(resolved, groups) for _ in g],
+                  negative_prompt=negatives if request.negative_prompt else None,
                   guidance_scale=request.cfg_scale)
-    extra: dict[str, Any] = {}
     original = pipe.scheduler
     if getattr(recipe_sampler(recipe), "sampler", None) is None:  # else the recipe's scheduler is in place
         pipe.scheduler = sampler.build(original.config)
@@ -299,7 +208,7 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
             elif kind == "hires":
                 images, (width, height), steps_done, extra = _hires(pipe, request, run, common)
             else:
-                images, (width, height), steps_done, extra = _img2img(pipe, request, run, common, kind)
+                images, (width, height), steps_done, extra = _img2img(pipe, request, run, common, kind, resolver)
             seconds = time.perf_counter() - t0
     finally:
         pipe.scheduler = original
@@ -311,9 +220,18 @@ def generate(pipe, request: GenerateRequest, *, progress: bool = True, runner=No
         extra = {**extra, "ControlNet 0": control.parameters()}
     if request.refiner is not None and refiner is None:
         extra = {**extra, "Refiner switch at": 1.0}  # asked for, but switching at the very end: never ran
-    params = _infotext(pipe, request, seeds, (width, height), {**extra, **truncated}, recipe, preset)
-    return GenerateResult(list(images), seeds, params, seconds, steps_done / seconds if seconds else 0.0,
-                          stats=dict(run.stats), events=notes + cut_notes + run.events, request=request)
+    images = list(images)
+    stats = dict(run.stats)
+    if len(requests) > 1:
+        stats["batched_requests"] = len(requests)
+    results, at = [], 0
+    for r, group, (truncated, cut_notes) in zip(resolved, groups, cuts):
+        params = _infotext(pipe, r, group, (width, height), {**extra, **truncated}, recipe, preset)
+        results.append(GenerateResult(images[at:at + len(group)], group, params, seconds,
+                                      steps_done / seconds if seconds else 0.0, stats=dict(stats),
+                                      events=notes + cut_notes + run.events, request=r))
+        at += len(group)
+    return results
 
 
 def _bar_configs(*pipes) -> list[tuple[Any, Any]]:
@@ -437,17 +355,17 @@ class _Control:
     end: float
 
     @classmethod
-    def load(cls, pipe, request: GenerateRequest) -> _Control:
+    def load(cls, pipe, request: GenerateRequest, resolver) -> _Control:
         from diffspeed.pipelines.load import model_hash
 
         spec = request.controlnet
-        model = load_controlnet(spec, pipe)
-        if isinstance(spec, (str, Path)):
-            path = controlnet_dir(spec)
-            name, digest = (str(spec) if path.name == str(spec) else path.name), model_hash(path)[:8]
-        else:
-            name, digest = Path(getattr(model.config, "_name_or_path", "") or type(model).__name__).name, ""
-        return cls(model, load_image(request.control_image, "control_image"), name, digest,
+        model = resolver.controlnet(spec, pipe)
+        path = Path(getattr(model.config, "_name_or_path", "") or "")
+        if (path / "config.json").is_file():
+            name, digest = (spec if Path(spec).name == spec else path.name), model_hash(path)[:8]
+        else:  # a loaded model registered under a name
+            name, digest = spec, ""
+        return cls(model, resolver.image(request.control_image, "control_image"), name, digest,
                    request.control_scale, request.control_start, request.control_end)
 
     def kwargs(self, kind: str, size: tuple[int, int], n: int) -> dict:
@@ -469,8 +387,9 @@ class _Runner:
     """Calls a (workflow) pipeline directly or through the accelerated runner, with fresh seeded generators
     per pass, and sums the runner's statistics over the passes."""
 
-    def __init__(self, pipe, runner, seeds: list[int], control: _Control | None = None):
-        self.pipe, self.runner, self.seeds, self.control = pipe, runner, seeds, control
+    def __init__(self, pipe, runner, seeds: list[int], control: _Control | None = None, on_step=None):
+        self.pipe, self.runner, self.seeds, self.control, self.on_step = pipe, runner, seeds, control, on_step
+        self.stopped = False  # on_step asked to stop: every later pass stops at its first step too
         self.stats: Counter = Counter()
         self.events: list[str] = []
         device = pipe._execution_device
@@ -491,7 +410,7 @@ class _Runner:
         handle = refiner.unet.register_forward_pre_hook(lambda *_: calls.update(["refiner_denoiser_calls"]))
         refiner.set_progress_bar_config(disable=self.pipe._progress_bar_config.get("disable", False))
         try:
-            return refiner(**kwargs, generator=self._generators())
+            return refiner(**kwargs, **self._callback(), generator=self._generators())
         finally:
             handle.remove()
             self.stats.update(calls)
@@ -499,10 +418,26 @@ class _Runner:
     def _generators(self) -> list[torch.Generator]:
         return [torch.Generator(self.gen_device).manual_seed(s) for s in self.seeds]
 
+    def _callback(self) -> dict:
+        """diffusers' ``callback_on_step_end`` reporting each step to ``on_step`` and stopping the pass (its
+        ``_interrupt`` flag: the remaining steps are skipped, the latents so far are decoded) when asked."""
+        if self.on_step is None:
+            return {}
+
+        def step_end(pipeline, i, t, tensors):
+            n = getattr(pipeline, "_num_timesteps", None) or i + 1
+            if self.stopped or self.on_step(i + 1, n):
+                self.stopped = True
+                pipeline._interrupt = True
+            return tensors
+
+        return {"callback_on_step_end": step_end}
+
     def __call__(self, target, continues: bool = False, **kwargs):
         """Run one pass; ``continues`` marks a pass that carries on from the previous one (hires fix's second
         pass), which optimizations may use (deepcache's ``hires_reuse``)."""
         gens = self._generators()
+        kwargs.update(self._callback())
         target.set_progress_bar_config(disable=self.pipe._progress_bar_config.get("disable", False))
         if self.runner is None:
             return target(**kwargs, generator=gens)
@@ -568,18 +503,22 @@ def _denoising_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
-def _img2img(pipe, request: GenerateRequest, run: _Runner, common: dict, kind: str):
-    init = load_image(request.init_image, "init_image")
+def _img2img(pipe, request: GenerateRequest, run: _Runner, common: dict, kind: str, resolver):
+    init = resolver.image(request.init_image, "init_image")
     size = fit_size(init, request.width, request.height)
     _check_multiple(pipe, size)
     if init.size != size:
         init = init.resize(size, Image.Resampling.LANCZOS)  # the web UI's "Just resize"
     strength = request.strength
-    n = request.batch_size
+    n = len(run.seeds)
     extra: dict[str, Any] = {"Denoising strength": strength}
     mask = None
     if kind == "inpaint":
-        mask = prepare_mask(load_image(request.mask_image, "mask_image", mode="L"), size, request.mask_blur)
+        mask = resolver.image(request.mask_image, "mask_image", mode="L")
+        if request.mask_invert:
+            mask = ImageOps.invert(mask)
+            extra["Mask mode"] = "Inpaint not masked"  # the web UI's words for an inverted mask
+        mask = prepare_mask(mask, size, request.mask_blur)
         extra["Mask blur"] = request.mask_blur
         if not request.inpaint_overlay:
             extra["Inpaint overlay"] = False  # changes the pixels outside the mask, so the infotext says it

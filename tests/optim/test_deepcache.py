@@ -17,6 +17,7 @@ from diffspeed.core.unet_units import n_branches
 from diffspeed.metrics import psnr, ssim
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
+from diffspeed.resolve import Resolver
 
 from ..pipelines.test_controlnet import TOP_LEFT, untrained  # noqa: F401  (fixture)
 
@@ -193,16 +194,18 @@ def test_controlnet_deep_half_is_skipped_on_cached_calls(tiny_sd, untrained):  #
     calls = {"mid": 0}
     # inside the mid block: a skipped module is still called (its hooks fire), its insides are not
     cn.mid_block.resnets[0].register_forward_pre_hook(lambda *_: calls.update(mid=calls["mid"] + 1))
-    req = dict(prompt=PROMPTS[0], seed=1, steps=12, sampler="Euler", controlnet=cn, control_image=TOP_LEFT)
+    req = dict(prompt=PROMPTS[0], seed=1, steps=12, sampler="Euler", controlnet="cn", control_image=TOP_LEFT)
+    resolver = Resolver()
+    resolver.add("cn", cn)
     with accelerate(tiny_sd, []) as fast:
-        ref = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False).images[0]
+        ref = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False, resolver=resolver).images[0]
     calls["mid"] = 0
     with accelerate(tiny_sd, [DeepCacheConfig(interval=3)]) as fast:
-        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
+        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False, resolver=resolver)
     assert out.stats["deepcache_full_calls"] == 4 and calls["mid"] == 4  # ControlNet mid block: full calls only
     assert psnr(out.images[0], ref) > 16  # measured 18.7 dB
     with accelerate(tiny_sd, [CfgCutoffConfig(fraction=0.5), DeepCacheConfig(interval=3)]) as fast:
-        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False)
+        out = generate(tiny_sd, GenerateRequest(**req), runner=fast, progress=False, resolver=resolver)
     assert out.stats.get("cfg_skipped_calls", 0) == 6 and out.images[0].size == (64, 64)
 
 

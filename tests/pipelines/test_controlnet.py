@@ -13,6 +13,7 @@ from diffspeed.cli import main
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 from diffspeed.pipelines.load import MODELS_DIR
 from diffspeed.pngmeta import parse_parameters, read_parameters
+from diffspeed.resolve import Resolver
 from diffspeed.tiny.check import foreground
 
 PROMPT = "a red circle at center on a blue background"
@@ -29,11 +30,11 @@ def disc_mask(cx: int, cy: int, r: int = 10) -> Image.Image:
 TOP_LEFT, BOTTOM_RIGHT = disc_mask(14, 14), disc_mask(50, 50)
 
 
-def run(pipe, runner=None, **kw):
+def run(pipe, runner=None, resolver=None, **kw):
     kw.setdefault("steps", 8)
     kw.setdefault("prompt", PROMPT)
     kw.setdefault("sampler", "Euler")
-    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner)
+    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner, resolver=resolver)
 
 
 @pytest.fixture(params=["sd", "sdxl"])
@@ -162,14 +163,14 @@ def test_trained_mask_controlnet_moves_the_shape(pipe, family):
     (dict(control_start=0.6, control_end=0.4), "control_end"),
 ])
 def test_bad_controlnet_settings_name_the_field(kw, field):
-    with pytest.raises(DiffspeedError) as err:
-        GenerateRequest(prompt=PROMPT, **kw)
+    with pytest.raises(DiffspeedError) as err:  # the request's own checks, then the resolver's pre-flight
+        Resolver().check(GenerateRequest(prompt=PROMPT, **kw))
     assert err.value.field == field
 
 
 def test_missing_controlnet_folder_says_what_is_expected():
     with pytest.raises(DiffspeedError, match="ControlNetModel folder.*config.json.*/no/such/controlnet"):
-        GenerateRequest(prompt=PROMPT, controlnet="/no/such/controlnet", control_image=TOP_LEFT)
+        Resolver().check(GenerateRequest(prompt=PROMPT, controlnet="/no/such/controlnet", control_image=TOP_LEFT))
 
 
 def test_controlnet_of_another_family_is_refused(tiny_sdxl, untrained):

@@ -17,6 +17,7 @@ from diffspeed.pipelines.load import model_hash, shipped_path
 from diffspeed.pipelines.samplers import get_sampler
 from diffspeed.pipelines.workflows import load_refiner
 from diffspeed.pngmeta import parse_parameters, read_parameters
+from diffspeed.resolve import Resolver
 from diffspeed.tiny.check import score_images, ssim
 from diffspeed.tiny.data import held_out_scenes, training_batch
 
@@ -28,11 +29,11 @@ pytestmark = pytest.mark.skipif(not (shipped_path(REFINER) / "model_index.json")
                                 reason="tiny-sdxl-refiner comes from 'tools/train_tiny_extras.py refiner'")
 
 
-def run(pipe, runner=None, **kw):
+def run(pipe, runner=None, resolver=None, **kw):
     kw.setdefault("steps", 10)
     kw.setdefault("prompt", PROMPT)
     kw.setdefault("sampler", "Euler")
-    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner)
+    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner, resolver=resolver)
 
 
 def trained_steps() -> int:
@@ -85,7 +86,9 @@ def test_a_loaded_refiner_pipeline_gives_the_same_image(tiny_sdxl):
     by_name = run(tiny_sdxl, seed=2, refiner=REFINER).images[0]
     loaded = diffspeed.load(REFINER, device="cpu")
     sampler_before = loaded.scheduler
-    by_object = run(tiny_sdxl, seed=2, refiner=loaded).images[0]
+    resolver = Resolver()
+    resolver.add("my-refiner", loaded)  # a request holds names only; a loaded pipeline is registered by name
+    by_object = run(tiny_sdxl, seed=2, refiner="my-refiner", resolver=resolver).images[0]
     assert np.array_equal(np.asarray(by_name), np.asarray(by_object))  # the VAEs hold the same weights
     assert loaded.scheduler is sampler_before  # the sampler swap is undone
 
@@ -153,8 +156,8 @@ def test_refiner_needs_an_sdxl_base(tiny_sd):
     (dict(refiner=REFINER, hires_scale=2.0), "refiner"),
 ])
 def test_bad_refiner_settings_name_the_field(kw, field):
-    with pytest.raises(DiffspeedError) as err:
-        GenerateRequest(prompt=PROMPT, **kw)
+    with pytest.raises(DiffspeedError) as err:  # the request's own checks, then the resolver's pre-flight
+        Resolver().check(GenerateRequest(prompt=PROMPT, **kw))
     assert err.value.field == field
 
 

@@ -11,18 +11,19 @@ from diffspeed import DiffspeedError, GenerateRequest, accelerate, generate
 from diffspeed.metrics import psnr  # PIL images and uint8 arrays are scaled to [0, 1]
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
 from diffspeed.pipelines.workflows import load_image, vae_round_trip
+from diffspeed.resolve import Resolver
 
 PROMPT = "a red circle at center on a blue background"
 OTHER = "a yellow star at top left on a green background"
 
 
-def run(pipe, runner=None, **kw):
+def run(pipe, runner=None, resolver=None, **kw):
     kw.setdefault("steps", 8)
     kw.setdefault("prompt", PROMPT)
     # CFG 7, not the card's 3: at 3 every seed draws the prompt's flat background, and the hires test's
     # "closer to its own first pass than to another seed" margin vanishes (18.2 vs 18.8 dB; 16.2 vs 15.4 at 7)
     kw.setdefault("cfg_scale", 7.0)
-    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner)
+    return generate(pipe, GenerateRequest(**kw), progress=False, runner=runner, resolver=resolver)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,8 @@ def test_sdxl_workflows(tiny_sdxl):
     (dict(mask_blur=-1), "mask_blur"),
 ])
 def test_bad_workflow_settings_name_the_field(kw, field):
-    with pytest.raises(DiffspeedError) as err:
-        GenerateRequest(prompt=PROMPT, **kw)
+    with pytest.raises(DiffspeedError) as err:  # the request's own checks, then the resolver's pre-flight
+        Resolver().check(GenerateRequest(prompt=PROMPT, **kw))
     assert err.value.field == field
 
 
