@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from diffspeed.errors import DiffspeedError
+from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -434,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     _add_convert(sub)
     p = sub.add_parser("presets", help="list the goal presets: what each is for, the recipe each resolves to on "
                        "this machine and why, and the numbers it was chosen on")
@@ -449,6 +450,105 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # --debug also after the command (unset there, the global one's value stays)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the web UI's HTTP API (/sdapi/v1) and a web page, with a bounded queue, "
+                       "request batching and a recipe per request")
+    p.add_argument("--model", default="tiny-sd", help="the model requests get by default: a shipped name, a "
+                   ".safetensors file or a diffusers folder (default: tiny-sd)")
+    p.add_argument("--preset", default=None, help="the preset a request that names none gets (default: none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; anything else without --api-auth prints a warning)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                   help="HTTP Basic credentials required on every route (default: none)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more get 429 with "
+                   "Retry-After (default: 32)")
+    p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call when compatible requests "
+                   "are batched; 1 turns batching off (default: 8)")
+    p.add_argument("--models-dir", default=None, help="a folder of more models (*.safetensors, diffusers folders, "
+                   "Lora/, controlnet/, refiner/) that requests may name (default: none)")
+    p.add_argument("--outputs-dir", default="outputs/server", help="where save_images writes (default: "
+                   "outputs/server)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queued and "
+                   "running (default: 600)")
+    p.add_argument("--cache-models", type=int, default=2, help="loaded models kept in RAM for switching "
+                   "(default: 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    p.set_defaults(func=cmd_serve, precheck=check_serve_args, loads_models=True)
+
+
+def check_serve_args(args) -> None:
+    from diffspeed.pipelines.load import check_device
+    from diffspeed.server.config import parse_auth
+
+    check_device(args.device)
+    parse_auth(args.api_auth)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from diffspeed.server.app import create_app
+    except ImportError as err:
+        raise DiffspeedError(f"serve needs the server extra: pip install 'diffspeed[server]' ({err.name} is "
+                             f"missing)", field="serve") from err
+    from diffspeed.server.config import Limits, ServerConfig, parse_auth
+
+    config = ServerConfig(model=args.model, preset=args.preset, host=args.host, port=args.port,
+                          api_auth=parse_auth(args.api_auth), max_queue=args.max_queue, max_batch=args.max_batch,
+                          models_dir=args.models_dir, outputs_dir=args.outputs_dir, request_timeout=args.timeout,
+                          cache_models=args.cache_models, device=args.device, dtype=args.dtype, limits=Limits())
+    if config.exposed and not config.api_auth:
+        print(f"diffspeed: warning: listening on {config.host} without --api-auth: anyone who can reach this "
+              f"port can generate and read the server's model list", file=sys.stderr)
+    _check_port(config.host, config.port)
+    app = create_app(config)
+    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                    timeout_graceful_shutdown=config.shutdown_grace + 10))
+    print(f"diffspeed: serving {config.model} on http://{config.host}:{config.port}/ (API: /sdapi/v1, docs: /docs)",
+          file=sys.stderr)
+    server.run()
+    return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as err:
+        raise DiffspeedRuntimeError(f"port: cannot listen on {host}:{port} ({err.strerror or err}); is another "
+                                    f"server running? pick another --port", field="port") from err
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose SIGTERM/Ctrl-C first closes the job queue: queued requests are answered 503
+        at once and the running batch may finish (``shutdown_grace``), so no request is left without an answer
+        while uvicorn waits for its connections."""
+
+        def handle_exit(self, sig, frame) -> None:
+            import threading
+
+            state = getattr(self.config.app.state, "diffspeed", None)
+            if state is not None and not state.queue.closing:
+                threading.Thread(target=state.queue.shutdown, args=(state.config.shutdown_grace,),
+                                 daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def _Server(config):  # noqa: N802 -- a class made on demand, so the CLI imports uvicorn only to serve
+    return _server_class()(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,17 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     return Path(path)
 
 
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file of ``image`` with the parameters chunk, in memory (the server's base64 images)."""
+    import io
+
+    info = PngInfo()
+    info.add_text(KEY, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def read_text(source) -> str:
     """The raw parameters text of a PNG file (path) or an open PIL image."""
     if isinstance(source, Image.Image):

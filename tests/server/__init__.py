@@ -1,0 +1,1 @@
+"""Tests of the HTTP server: request models, the job queue, the app and its page."""
