@@ -125,7 +125,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(description="what to draw")
     negative_prompt: str = Field("", description="what to steer away from")
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: a random seed, reported in the result")
-    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps, 1..1000 (default: the recipe's sampler steps, else 20)")
+    steps: int | None = Field(None, ge=1, le=1000,
+                              description="denoising steps, 1..1000 (default: the recipe's sampler steps, else 20)")
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False,
                                     description="classifier-free guidance, 0..50; <= 1 disables the unconditional "
                                     "pass (default: the shipped model's recommended scale from its card, else 7)")
