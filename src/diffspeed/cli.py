@@ -473,6 +473,11 @@ def _add_serve(sub) -> None:
                    "outputs/server)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queued and "
                    "running (default: 600)")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for (default: 150)")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width and height, hires size included "
+                   "(default: 2048)")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request, batch_size * n_iter "
+                   "(default: 8)")
     p.add_argument("--cache-models", type=int, default=2, help="loaded models kept in RAM for switching "
                    "(default: 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
@@ -502,7 +507,9 @@ def cmd_serve(args) -> int:
     config = ServerConfig(model=args.model, preset=args.preset, host=args.host, port=args.port,
                           api_auth=parse_auth(args.api_auth), max_queue=args.max_queue, max_batch=args.max_batch,
                           models_dir=args.models_dir, outputs_dir=args.outputs_dir, request_timeout=args.timeout,
-                          cache_models=args.cache_models, device=args.device, dtype=args.dtype, limits=Limits())
+                          cache_models=args.cache_models, device=args.device, dtype=args.dtype,
+                          limits=Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                                        max_images=args.max_images))
     if config.exposed and not config.api_auth:
         print(f"diffspeed: warning: listening on {config.host} without --api-auth: anyone who can reach this "
               f"port can generate and read the server's model list", file=sys.stderr)
@@ -536,6 +543,7 @@ def _server_class():
         while uvicorn waits for its connections."""
 
         def handle_exit(self, sig, frame) -> None:
+            import signal
             import threading
 
             state = getattr(self.config.app.state, "diffspeed", None)
@@ -543,6 +551,11 @@ def _server_class():
                 threading.Thread(target=state.queue.shutdown, args=(state.config.shutdown_grace,),
                                  daemon=True).start()
             super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after its graceful shutdown, so the process would die by
+            # SIGTERM; a finished graceful shutdown is a success here: exit 0 (Ctrl-C still exits 130)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list) and sig == signal.SIGTERM:
+                captured[:] = [s for s in captured if s != signal.SIGTERM]
 
     return Server
 

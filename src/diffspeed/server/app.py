@@ -123,32 +123,30 @@ class _Guard:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _send(send, 413, {"detail": f"request body: {int(declared):,} bytes, more than the limit "
                                            f"of {self.limit:,}"})
-        seen = 0
-        too_big = False
-
-        async def counted():
-            nonlocal seen, too_big
+        # read the body here, stopping at the limit (FastAPI would buffer it whole anyway), then replay it
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    too_big = True
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                return await _send(send, 413, {"detail": f"request body: more than the limit of {self.limit:,} "
+                                               f"bytes"})
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
 
-        started = False
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
 
-        async def tracked(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await _send(send, 413, {"detail": f"request body: more than the limit of {self.limit:,} bytes"})
+        await self.app(scope, replay, send)
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")
@@ -162,10 +160,6 @@ class _Guard:
         for u, p in self.users:  # every pair compared, in constant time each
             ok |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p) & bool(sep)
         return ok
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _send(send, status: int, body: dict, headers: list | None = None) -> None:

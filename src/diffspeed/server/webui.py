@@ -255,14 +255,25 @@ def plan_request(api: Txt2ImgRequest | Img2ImgRequest, *, default_sampler: str |
         _hires(api, fields, problems)
     else:
         _img2img(api, fields, problems)
-    if problems:
-        raise PlanError(problems)
+    if problems:  # the request model's own problems too, so that every one is reported at once
+        raise PlanError(problems + _request_problems(fields, {f for f, _ in problems}))
     echo = api.model_dump(mode="json")
     if kind == "img2img" and not api.include_init_images:
         echo["init_images"] = echo["mask"] = None
     return Plan(kind=kind, request_fields=fields, model=model, preset=preset, recipe=recipe, loras=tuple(loras),
                 send_images=api.send_images, save_images=api.save_images, n_images=api.batch_size * api.n_iter,
                 echo=echo, task_id=api.force_task_id, control_resize_mode=resize_mode, notes=tuple(notes))
+
+
+def _request_problems(fields: dict, known: set[str]) -> list[tuple[str, str]]:
+    """What GenerateRequest says about ``fields`` (in web-UI names), minus fields already reported."""
+    from diffspeed.request import GenerateRequest, RequestError
+
+    try:
+        GenerateRequest(**fields)
+    except RequestError as err:
+        return [(api_field(f), m) for f, m in err.problems if api_field(f) not in known]
+    return []
 
 
 def strip_hash(title: str) -> str:
