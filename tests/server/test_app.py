@@ -330,3 +330,18 @@ def _up(url: str) -> bool:
     except requests.ConnectionError:
         return False
 
+
+
+def test_a_prompt_lora_applies_to_its_request_only(app_client):
+    plain = app_client.post("/sdapi/v1/txt2img", json={**TXT, "seed": 21}).json()
+    lora = app_client.post("/sdapi/v1/txt2img", json={**TXT, "seed": 21,
+                                                       "prompt": TXT["prompt"] + " <lora:tiny-sd-lora-monochrome:1>"})
+    assert lora.status_code == 200, lora.text
+    info = json.loads(lora.json()["info"])
+    assert info["infotexts"][0].startswith(TXT["prompt"] + "\n")  # the tag is not in the prompt
+    assert 'Lora weights: "tiny_sd_lora_monochrome: 1.0"' in info["infotexts"][0]
+    colour = pixels(lora.json()["images"][0])
+    assert np.abs(colour - pixels(plain["images"][0])).max() > 8  # the LoRA changed the picture
+    again = app_client.post("/sdapi/v1/txt2img", json={**TXT, "seed": 21}).json()
+    assert np.array_equal(pixels(again["images"][0]), pixels(plain["images"][0]))  # and is gone again
+    assert "Lora" not in json.loads(again["info"])["infotexts"][0]

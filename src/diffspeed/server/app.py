@@ -291,11 +291,25 @@ def _prepare(state: ServerState, api) -> tuple[Any, Work] | JSONResponse:
         recipe = _recipe(state, plan.preset, plan.recipe)
     except DiffspeedError as err:
         problems.append((err.field or "alwayson_scripts.diffspeed", str(err)))
+    if not problems and plan.control_resize_mode not in (None, "Just Resize"):
+        problems += _control_resize(state, request, plan)
     if problems:
         return _unprocessable(problems)
     request = _filled(state, request, model, recipe)
     preset = plan.preset or (state.config.preset if plan.recipe is None else None)
     return plan, Work(request, model, recipe, preset, plan.loras)
+
+
+def _control_resize(state: ServerState, request: GenerateRequest, plan) -> list[tuple[str, str]]:
+    """A ControlNet unit's resize mode other than "Just Resize" is honoured only where it changes nothing: when
+    the control image already has the output's aspect ratio (diffspeed resizes it to the output)."""
+    try:
+        image = state.resolver.image(request.control_image, "control_image")
+    except DiffspeedError as err:
+        return [("alwayson_scripts.controlnet", str(err))]
+    size = (request.width or 512, request.height or 512)
+    problem = webui.control_resize_problem(plan.control_resize_mode, image.size, size)
+    return [("alwayson_scripts.controlnet", problem)] if problem else []
 
 
 def _filled(state: ServerState, request: GenerateRequest, model: str, recipe) -> GenerateRequest:

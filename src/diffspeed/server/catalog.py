@@ -29,7 +29,14 @@ class ModelEntry:
 @dataclass(frozen=True)
 class LoraEntry:
     name: str
-    path: Path = field(repr=False)
+    path: Path = field(repr=False)  # its .safetensors file (never shown)
+
+    @property
+    def source(self) -> str:
+        """What ``load_lora`` takes: a shipped name as it is (so its infotext names it), else the file."""
+        from diffspeed.pipelines.lora import SHIPPED_LORAS
+
+        return self.name if self.name in SHIPPED_LORAS else str(self.path)
 
 
 class Catalog:

@@ -108,15 +108,23 @@ class Engine:
         self._fast_key = None
 
     def _set_loras(self, pipe, loras: tuple) -> None:
-        from diffspeed.pipelines.lora import load_lora, unload_loras
+        """Activate exactly ``loras`` ((name, weight) pairs). Each LoRA is read from disk once per loaded
+        pipeline and kept as an adapter; switching among loaded ones only changes their weights (an inactive
+        adapter adds nothing: the image is the plain model's, bit for bit)."""
+        import re
+
+        from diffspeed.pipelines.lora import load_lora, set_loras
 
         if loras == self._loras:
             return
-        self._drop_recipe()  # the recipe's hooks sit on modules that LoRA layers replace
-        unload_loras(pipe)
-        self._loras = ()
-        for name, weight in loras:
-            load_lora(pipe, self.catalog.lora(name).path, weight=float(weight), name=name)
+        adapters = {name: re.sub(r"[^A-Za-z0-9_]", "_", name) for name, _ in loras}
+        loaded = {i.name for i in getattr(getattr(pipe, "diffspeed_loras", None), "loaded", {}).values()}
+        missing = [name for name in adapters if adapters[name] not in loaded]
+        if missing:
+            self._drop_recipe()  # LoRA layers replace modules the recipe's hooks sit on
+            for name in missing:
+                load_lora(pipe, self.catalog.lora(name).source, weight=1.0, name=adapters[name])
+        set_loras(pipe, {adapters[name]: float(weight) for name, weight in loras})
         self._loras = loras
 
     def close(self) -> None:

@@ -313,7 +313,8 @@ def _extra_networks(prompt: str, disabled: bool, problems) -> tuple[str, list[tu
             problems.append(("prompt", f"prompt: {tag}: a LoRA is named as /sdapi/v1/loras lists it, not a path"))
         elif weight is not None and loras.setdefault(name, weight) != weight:
             problems.append(("prompt", f"prompt: LoRA {name!r} is given twice with different weights"))
-    return _EXTRA_NET.sub("", prompt), list(loras.items())
+    # the tag and one space before it go, and the ends are trimmed: "a cat <lora:x:1>" reads "a cat"
+    return re.sub(r" ?" + _EXTRA_NET.pattern, "", prompt).strip(), list(loras.items())
 
 
 def _lora_weight(tag: str, args: list[str], problems) -> float | None:
