@@ -345,3 +345,16 @@ def test_a_prompt_lora_applies_to_its_request_only(app_client):
     again = app_client.post("/sdapi/v1/txt2img", json={**TXT, "seed": 21}).json()
     assert np.array_equal(pixels(again["images"][0]), pixels(plain["images"][0]))  # and is gone again
     assert "Lora" not in json.loads(again["info"])["infotexts"][0]
+
+
+def test_a_request_past_its_timeout_is_504_and_the_server_goes_on(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from diffspeed.server.app import create_app
+
+    app = create_app(ServerConfig(request_timeout=1.0, limits=Limits(max_steps=1000), outputs_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        started = time.monotonic()
+        r = client.post("/sdapi/v1/txt2img", json={**TXT, "steps": 1000})
+        assert r.status_code == 504 and time.monotonic() - started < 30
+        assert client.post("/sdapi/v1/txt2img", json=TXT).status_code == 200
