@@ -358,3 +358,16 @@ def test_a_request_past_its_timeout_is_504_and_the_server_goes_on(tmp_path):
         r = client.post("/sdapi/v1/txt2img", json={**TXT, "steps": 1000})
         assert r.status_code == 504 and time.monotonic() - started < 30
         assert client.post("/sdapi/v1/txt2img", json=TXT).status_code == 200
+
+
+def test_a_client_that_leaves_takes_its_queued_request_with_it(small_server):
+    url = small_server
+    with ThreadPoolExecutor(2) as pool:
+        long = _start_long_job(url, pool, task="long3")
+        with pytest.raises(requests.exceptions.Timeout):
+            requests.post(f"{url}/sdapi/v1/txt2img", json={**TXT, "force_task_id": "gone"}, timeout=1.0)
+        wait_until(lambda: requests.get(f"{url}/sdapi/v1/progress").json()["queue"]["depth"] == 0, timeout=10)
+        assert requests.get(f"{url}/sdapi/v1/progress").json()["state"]["job"] == "long3"  # still running
+        requests.post(f"{url}/sdapi/v1/interrupt")
+        assert long.result(60).status_code == 200
+    assert 'diffspeed_jobs_total{outcome="JobCancelled"}' in requests.get(f"{url}/metrics").text

@@ -40,7 +40,7 @@ from diffspeed.request import GenerateRequest, RequestError
 from diffspeed.server import webui
 from diffspeed.server.config import ServerConfig
 from diffspeed.server.engine import Work
-from diffspeed.server.jobs import JobCancelled, JobQueue, JobTimeout, QueueFull, ShuttingDown
+from diffspeed.server.jobs import JobCancelled, JobQueue, JobTimeout, QueueFull, ShuttingDown, TaskIdInUse
 
 STATIC = Path(__file__).parent / "static"
 API = "/sdapi/v1"
@@ -185,7 +185,7 @@ def _failure(err: BaseException) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "30"})
     if isinstance(err, JobTimeout):
         return JSONResponse(status_code=504, content={"detail": str(err)})
-    if isinstance(err, JobCancelled):
+    if isinstance(err, (JobCancelled, TaskIdInUse)):
         return JSONResponse(status_code=409, content={"detail": str(err)})
     if isinstance(err, DiffspeedRuntimeError):
         return JSONResponse(status_code=500, content={"detail": str(err)})
@@ -335,16 +335,31 @@ async def _generate(state: ServerState, api, http: Request) -> Response:
         job = state.queue.submit(work, work.key(), n_images=work.request.batch_size, task_id=plan.task_id)
     except DiffspeedError as err:
         return _failure(err)
+    # uvicorn does not cancel a route whose client went away, so wait for the result or the disconnect,
+    # whichever comes first: a job whose client is gone leaves the queue instead of being generated for nobody
+    waiter = asyncio.ensure_future(asyncio.wrap_future(job.future))
+    gone = asyncio.ensure_future(_disconnected(http))
     try:
-        result = await asyncio.wrap_future(job.future)
-    except asyncio.CancelledError:  # the client went away: a queued job leaves the queue
-        job.future.cancel()
-        raise
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiter.done():  # cancelling the wrapper cancels job.future; the queue then drops the job
+            waiter.cancel()
+    if waiter.cancelled():
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    try:
+        result = waiter.result()
     except Exception as err:  # noqa: BLE001 -- every failure becomes its status code
         return _failure(err)
     response = await run_in_threadpool(_respond, state, plan, work, result, job)
     state.metrics.latency.observe(time.perf_counter() - started)
     return response
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client closes the connection (the body was read already, so only that is left)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _respond(state: ServerState, plan, work: Work, result, job) -> Response:

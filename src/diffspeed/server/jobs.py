@@ -66,6 +66,10 @@ class JobTimeout(DiffspeedRuntimeError):
     """The job passed its deadline, queued or running."""
 
 
+class TaskIdInUse(DiffspeedError):
+    """A ``task_id`` of a queued or running job was given again (the app answers 409)."""
+
+
 class JobCancelled(DiffspeedRuntimeError):
     """The job was cancelled while it was queued."""
 
@@ -226,7 +230,7 @@ class JobQueue:
         ``timeout`` (seconds, from now, queued and running together) overrides the queue's default. Raises
         ``QueueFull`` when ``max_queue`` jobs are waiting (running ones do not count), ``ShuttingDown`` after
         ``shutdown`` began, ``DiffspeedError`` (a ValueError) for a bad ``n_images`` or ``timeout`` or a
-        ``task_id`` already in use by a queued, running or recent job."""
+        ``task_id`` already in use by a queued or running job (``TaskIdInUse``)."""
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
             raise DiffspeedError(f"n_images must be an int >= 1, got {n_images!r}", field="n_images")
         timeout = self.timeout if timeout is None else _check_timeout("timeout", timeout)
@@ -239,8 +243,11 @@ class JobQueue:
                 if self._closing:
                     raise ShuttingDown("the server is shutting down and accepts no new jobs")
                 self._expire(pending)
-                if task_id is not None and (task_id in self._live or task_id in self._history):
-                    raise DiffspeedError(f"task_id {task_id!r} is already in use", field="task_id")
+                if task_id is not None and task_id in self._live:
+                    raise TaskIdInUse(f"force_task_id {task_id!r} belongs to a queued or running request; "
+                                      f"wait for it, or send another id", field="force_task_id")
+                if task_id is not None:  # a finished job's id may be used again: progress reports the new one
+                    self._history.pop(task_id, None)
                 if len(self._queue) >= self.max_queue:
                     self._counts["rejected_full"] += 1
                     pending.events.append(("rejected", {}))
