@@ -547,8 +547,8 @@ def _server_class():
             import threading
 
             state = getattr(self.config.app.state, "diffspeed", None)
-            if state is not None and not state.queue.closing:
-                threading.Thread(target=state.queue.shutdown, args=(state.config.shutdown_grace,),
+            if state is not None and not state.backend.closing:
+                threading.Thread(target=state.backend.shutdown_now, args=(state.config.shutdown_grace,),
                                  daemon=True).start()
             super().handle_exit(sig, frame)
             # uvicorn re-raises a captured signal after its graceful shutdown, so the process would die by

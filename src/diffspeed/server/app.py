@@ -40,7 +40,7 @@ from diffspeed.request import GenerateRequest, RequestError
 from diffspeed.server import webui
 from diffspeed.server.config import ServerConfig
 from diffspeed.server.engine import Work
-from diffspeed.server.jobs import JobCancelled, JobQueue, JobTimeout, QueueFull, ShuttingDown, TaskIdInUse
+from diffspeed.server.jobs import JobCancelled, JobTimeout, QueueFull, ShuttingDown, TaskIdInUse
 
 STATIC = Path(__file__).parent / "static"
 API = "/sdapi/v1"
@@ -53,8 +53,7 @@ class ServerState:
     config: ServerConfig
     catalog: Any
     resolver: Any
-    engine: Any
-    queue: JobQueue
+    backend: Any  # a LocalBackend, or the Ray deployment's (diffspeed.server.ray_serve)
     metrics: Any
     model: str  # the model a request without override_settings gets (POST /options switches it)
 
@@ -63,34 +62,37 @@ class ServerState:
         return next(e for e in self.catalog.models() if e.name == self.model)
 
 
-def create_app(config: ServerConfig | None = None) -> FastAPI:
-    """The server's FastAPI app for ``config``; the default model loads when the app starts."""
+def make_resolver(config: ServerConfig):
+    """The resolver a server (or one of its replicas) loads with: paths refused, models in a RAM cache."""
     from diffspeed.pipelines.cache import ModelCache
     from diffspeed.resolve import Resolver
+
+    return Resolver(ModelCache(max_models=config.cache_models), allow_paths=False, models_dir=config.models_dir,
+                    max_image_pixels=config.limits.max_image_pixels)
+
+
+def create_app(config: ServerConfig | None = None, backend=None) -> FastAPI:
+    """The server's FastAPI app for ``config``; the default model loads when the app starts. ``backend``: where
+    generation runs (default: a :class:`~diffspeed.server.backend.LocalBackend` in this process)."""
+    from diffspeed.server.backend import LocalBackend
     from diffspeed.server.catalog import Catalog
-    from diffspeed.server.engine import Engine
     from diffspeed.server.metrics import Metrics
 
     config = config or ServerConfig()
     if config.preset is not None:
         _preset_recipe(config.preset, "cpu")  # an unknown name fails now, not on the first request
     catalog = Catalog(config.model, config.models_dir)
-    resolver = Resolver(ModelCache(max_models=config.cache_models), allow_paths=False, models_dir=config.models_dir,
-                        max_image_pixels=config.limits.max_image_pixels)
-    engine = Engine(catalog, resolver, device=config.device, dtype=config.dtype)
+    resolver = make_resolver(config)
     metrics = Metrics()
-    queue = JobQueue(engine.run_batch, max_queue=config.max_queue, max_batch=config.max_batch,
-                     timeout=config.request_timeout, on_event=metrics.on_event)
-    state = ServerState(config, catalog, resolver, engine, queue, metrics, catalog.default.name)
+    if backend is None:
+        backend = LocalBackend(config, catalog, resolver, metrics)
+    state = ServerState(config, catalog, resolver, backend, metrics, catalog.default.name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await run_in_threadpool(engine.load, state.model)
-        queue.start()
+        await backend.start(state.model)
         yield
-        await asyncio.to_thread(queue.shutdown, config.shutdown_grace)
-        await asyncio.to_thread(queue.join, 5.0)
-        engine.close()
+        await backend.stop(config.shutdown_grace)
 
     app = FastAPI(title="diffspeed", version=__version__, lifespan=lifespan,
                   description="The AUTOMATIC1111 web UI's API (/sdapi/v1) served by diffspeed, plus diffspeed's own "
@@ -213,7 +215,7 @@ def _recipe(state: ServerState, preset: str | None, recipe: dict | str | None):
     if preset is None and recipe is None:
         preset = state.config.preset
     try:
-        data = _preset_recipe(preset, state.engine.device).to_dict() if preset else {"optimization": []}
+        data = _preset_recipe(preset, state.backend.device).to_dict() if preset else {"optimization": []}
     except DiffspeedError as err:
         raise DiffspeedError(str(err), field=f"{field}.preset") from err
     if recipe is not None:
@@ -332,12 +334,12 @@ async def _generate(state: ServerState, api, http: Request) -> Response:
     plan, work = prepared
     started = time.perf_counter()
     try:
-        job = state.queue.submit(work, work.key(), n_images=work.request.batch_size, task_id=plan.task_id)
+        job = state.backend.submit(work, plan.task_id)
     except DiffspeedError as err:
         return _failure(err)
     # uvicorn does not cancel a route whose client went away, so wait for the result or the disconnect,
     # whichever comes first: a job whose client is gone leaves the queue instead of being generated for nobody
-    waiter = asyncio.ensure_future(asyncio.wrap_future(job.future))
+    waiter = asyncio.ensure_future(state.backend.wait(job))
     gone = asyncio.ensure_future(_disconnected(http))
     try:
         await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -348,10 +350,10 @@ async def _generate(state: ServerState, api, http: Request) -> Response:
     if waiter.cancelled():
         return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
     try:
-        result = waiter.result()
+        outcome = waiter.result()
     except Exception as err:  # noqa: BLE001 -- every failure becomes its status code
         return _failure(err)
-    response = await run_in_threadpool(_respond, state, plan, work, result, job)
+    response = await run_in_threadpool(_respond, state, plan, work, outcome.result, outcome.job_timestamp)
     state.metrics.latency.observe(time.perf_counter() - started)
     return response
 
@@ -362,7 +364,7 @@ async def _disconnected(http: Request) -> None:
         pass
 
 
-def _respond(state: ServerState, plan, work: Work, result, job) -> Response:
+def _respond(state: ServerState, plan, work: Work, result, job_timestamp: str | None) -> Response:
     from diffspeed.generate import save_images
     from diffspeed.pngmeta import png_bytes
 
@@ -375,7 +377,7 @@ def _respond(state: ServerState, plan, work: Work, result, job) -> Response:
         save_images(result, folder)
     entry = next(e for e in state.catalog.models() if e.name == work.model)
     info = json.loads(webui.info_json(plan, [result], model_name=entry.name, model_hash=entry.hash,
-                                      version=f"diffspeed {__version__}", job_timestamp=job.timestamp,
+                                      version=f"diffspeed {__version__}", job_timestamp=job_timestamp,
                                       batched_with=result.stats.get("batched_requests", 1) - 1))
     info["diffspeed"]["recipe"] = work.recipe.to_dict().get("optimization", [])
     info["diffspeed"]["model"] = entry.title
@@ -400,7 +402,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
 
     @app.get(f"{API}/progress", response_model=webui.ProgressResponse, tags=["queue"])
     def progress(skip_current_image: bool = False, id_task: str | None = Query(None)):
-        snap = state.queue.progress(id_task)
+        snap = state.backend.progress(id_task)
         s = snap["state"]
         s = {**s, "job_timestamp": s.get("job_timestamp") or "0"}
         return webui.ProgressResponse(progress=snap["progress"], eta_relative=snap["eta_relative"],
@@ -410,18 +412,18 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
 
     @app.post(f"{API}/interrupt", tags=["queue"])
     def interrupt():
-        state.queue.interrupt()
+        state.backend.interrupt()
         return {}
 
     @app.post(f"{API}/skip", tags=["queue"])
     def skip():
-        state.queue.skip()
+        state.backend.skip()
         return {}
 
     @app.post("/diffspeed/v1/cancel/{task_id}", tags=["queue"])
     def cancel(task_id: str):
         """Cancel a queued request by its ``force_task_id``; 409 when it is running or finished."""
-        if state.queue.cancel(task_id):
+        if state.backend.cancel(task_id):
             return {"cancelled": task_id}
         return JSONResponse(status_code=409, content={"detail": f"{task_id}: not queued (unknown, running or "
                                                                 f"finished); interrupt stops the running one"})
@@ -502,14 +504,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
                 problems.append(("sd_model_checkpoint", str(err)))
         if "diffspeed_preset" in changes and changes["diffspeed_preset"] is not None:
             try:
-                _preset_recipe(str(changes["diffspeed_preset"]), state.engine.device)
+                _preset_recipe(str(changes["diffspeed_preset"]), state.backend.device)
             except DiffspeedError as err:
                 problems.append(("diffspeed_preset", str(err)))
         if problems:
             return _unprocessable(problems)
         if entry is not None:
             try:
-                await run_in_threadpool(state.engine.load, entry.name)
+                await state.backend.load(entry.name)
             except DiffspeedError as err:
                 return _failure(err)
             state.model = entry.name
@@ -525,7 +527,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
 
     @app.get("/metrics", include_in_schema=False)
     def metrics():
-        stats = state.queue.stats()
+        stats = state.backend.stats()
         state.metrics.update(stats)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
