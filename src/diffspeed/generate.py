@@ -222,6 +222,8 @@ def generate_batch(pipe, requests: list[GenerateRequest], *, progress: bool = Tr
         extra = {**extra, "Refiner switch at": 1.0}  # asked for, but switching at the very end: never ran
     images = list(images)
     stats = dict(run.stats)
+    if run.stopped:  # the infotext says what was asked; the events say it did not all run
+        run.events.append(f"stopped early at step {run.stopped_at[0]} of {run.stopped_at[1]} of a pass (interrupt)")
     if len(requests) > 1:
         stats["batched_requests"] = len(requests)
     results, at = [], 0
@@ -390,6 +392,7 @@ class _Runner:
     def __init__(self, pipe, runner, seeds: list[int], control: _Control | None = None, on_step=None):
         self.pipe, self.runner, self.seeds, self.control, self.on_step = pipe, runner, seeds, control, on_step
         self.stopped = False  # on_step asked to stop: every later pass stops at its first step too
+        self.stopped_at = (0, 0)
         self.stats: Counter = Counter()
         self.events: list[str] = []
         device = pipe._execution_device
@@ -427,7 +430,8 @@ class _Runner:
         def step_end(pipeline, i, t, tensors):
             n = getattr(pipeline, "_num_timesteps", None) or i + 1
             if self.stopped or self.on_step(i + 1, n):
-                self.stopped = True
+                if not self.stopped:
+                    self.stopped, self.stopped_at = True, (i + 1, n)
                 pipeline._interrupt = True
             return tensors
 
@@ -548,6 +552,10 @@ def _hires(pipe, request: GenerateRequest, run: _Runner, common: dict):
     if max(big) > 2048:
         raise DiffspeedError(f"hires_scale {request.hires_scale} makes {big[0]}x{big[1]}; the hires size must "
                              f"be at most 2048x2048", field="hires_scale")
+    steps2, strength = request.hires_steps or request.steps, request.strength
+    if _denoising_steps(steps2, strength) < 1:  # diffusers' img2img cannot run a pass of no steps
+        raise DiffspeedError(f"denoising_strength: the hires pass would run int({steps2} steps x {strength:g}) = 0 "
+                             f"steps; raise denoising_strength or hires_steps", field="denoising_strength")
     _check_multiple(pipe, big)
     kind, mode = hires_upscaler(request.hires_upscaler)
     first = run(run.pipeline("txt2img"), **common, num_inference_steps=request.steps, width=width, height=height,
@@ -558,8 +566,6 @@ def _hires(pipe, request: GenerateRequest, run: _Runner, common: dict):
         image = upscale_latents(first, (big[0] // f, big[1] // f), mode)
     else:
         image = upscale_images(list(first), big, mode)
-    steps2 = request.hires_steps or request.steps
-    strength = request.strength
     second = run(run.pipeline("img2img"), continues=True, **common, image=image, strength=strength,
                  num_inference_steps=steps2, **run.control_kwargs("img2img", big)).images
     extra = {"Denoising strength": strength, "Hires upscale": request.hires_scale,

@@ -32,6 +32,20 @@ DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded pixels of one input image; larger is
 MAX_CONTROLNETS = 4  # loaded ControlNets kept per (folder, dtype, device)
 
 
+def inline_bytes(ref: str, field: str) -> bytes:
+    """The bytes of a base64 image reference (raw, or a ``data:...;base64,`` URI); bad data names the field."""
+    data = ref
+    if ref.startswith("data:"):
+        _, comma, data = ref.partition(",")
+        if not comma:
+            raise DiffspeedError(f"{field}: a data URI is data:image/...;base64,<data>; this one has no comma",
+                                 field=field)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise DiffspeedError(f"{field}: not valid base64 ({err})", field=field) from err
+
+
 class Resolver:
     """Images and models for requests, with caches; thread-safe.
 
@@ -135,11 +149,7 @@ class Resolver:
             path = self._image_path(ref, field)
             self._check_pixels(path, field)
             return load_image(path, field, mode)
-        data = ref.split(",", 1)[1] if ref.startswith("data:") else ref
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise DiffspeedError(f"{field}: not valid base64 ({err})", field=field) from err
+        raw = inline_bytes(ref, field)
         self._check_pixels(io.BytesIO(raw), field)
         try:
             with warnings.catch_warnings():

@@ -216,12 +216,14 @@ def test_retry_after_is_at_least_one_second(make):
 
 
 def test_duplicate_task_id(make):
-    q, work = make(work=Work(open=True))
+    q, work = make(work=Work())
     job = q.submit("a", "k", task_id="t1")
     assert job.id == "t1"
+    work.started()  # running now, held at the gate
     with pytest.raises(TaskIdInUse, match="'t1' belongs to a queued or running request") as err:
         q.submit("b", "k", task_id="t1")
     assert isinstance(err.value, DiffspeedError) and err.value.field == "force_task_id"
+    work.open.set()
     assert job.future.result(T) == "a:ok"
     again = q.submit("b", "k", task_id="t1")  # a finished job's id may be used again (a client's retry)
     assert again.future.result(T) == "b:ok" and q.progress("t1")["progress"] == 1

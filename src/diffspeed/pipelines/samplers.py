@@ -33,7 +33,8 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("DDIM", "DDIMScheduler"),
+    # the web UI's DDIM clips nothing; a config without the key would default to clipping x0 to [-1, 1] in latents
+    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}),
     Sampler("PNDM", "PNDMScheduler", {"skip_prk_steps": True}),
     Sampler("LMS", "LMSDiscreteScheduler", needs="scipy"),
     Sampler("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}, needs="scipy"),

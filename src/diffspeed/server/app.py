@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -94,14 +95,26 @@ def create_app(config: ServerConfig | None = None, backend=None) -> FastAPI:
         yield
         await backend.stop(config.shutdown_grace)
 
-    app = FastAPI(title="diffspeed", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="diffspeed", version=__version__, lifespan=lifespan, responses=_COMMON_ERRORS,
                   description="The AUTOMATIC1111 web UI's API (/sdapi/v1) served by diffspeed, plus diffspeed's own "
                   "routes (/diffspeed/v1). See the README's 'Server' section for the differences.")
     app.state.diffspeed = state
     app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     _routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _errors(**codes: str) -> dict:
+    return {int(code[1:]): {"model": webui.ErrorDetail, "description": why} for code, why in codes.items()}
+
+
+# what any route may answer besides its own: a body that is not UTF-8, one over the limit (the _Guard)
+_COMMON_ERRORS = _errors(_400="the body is not UTF-8 JSON", _413="the body is over the server's limit")
+_GENERATE_ERRORS = _errors(_409="cancelled while queued", _429="the queue is full (see Retry-After)",
+                           _500="generating failed (out of memory, NaN output)", _503="the server is shutting down",
+                           _504="the request outlived the server's request timeout")
 
 
 # ------------------------------------------------------------------------------------------------ middleware
@@ -177,6 +190,13 @@ def _unprocessable(problems: list[tuple[str, str]], prefix: tuple = ("body",)) -
     """422 in FastAPI's shape: one entry per field."""
     return JSONResponse(status_code=422, content={"detail": [
         {"loc": [*prefix, *field.split(".")], "msg": message, "type": "value_error"} for field, message in problems]})
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without each error's ``input``: echoing it back fails on NaN/Infinity (JSON has neither,
+    Python's parser reads them) and would return a 32 MiB image to its sender."""
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
 def _failure(err: BaseException) -> JSONResponse:
@@ -392,11 +412,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.post(f"{API}/txt2img", response_model=webui.ImageResponse, tags=["generate"])
+    @app.post(f"{API}/txt2img", response_model=webui.ImageResponse, tags=["generate"], responses=_GENERATE_ERRORS)
     async def txt2img(body: webui.Txt2ImgRequest, request: Request):
         return await _generate(state, body, request)
 
-    @app.post(f"{API}/img2img", response_model=webui.ImageResponse, tags=["generate"])
+    @app.post(f"{API}/img2img", response_model=webui.ImageResponse, tags=["generate"], responses=_GENERATE_ERRORS)
     async def img2img(body: webui.Img2ImgRequest, request: Request):
         return await _generate(state, body, request)
 
@@ -420,7 +440,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:  # noqa: C901 -- one plac
         state.backend.skip()
         return {}
 
-    @app.post("/diffspeed/v1/cancel/{task_id}", tags=["queue"])
+    @app.post("/diffspeed/v1/cancel/{task_id}", tags=["queue"],
+              responses=_errors(_409="not queued: unknown, running or finished"))
     def cancel(task_id: str):
         """Cancel a queued request by its ``force_task_id``; 409 when it is running or finished."""
         if state.backend.cancel(task_id):
@@ -565,8 +586,7 @@ def _png_info(state: ServerState, image: str) -> dict | JSONResponse:
     if not image:
         return _unprocessable([("image", "image: empty; send a base64 PNG")])
     try:
-        picture = state.resolver.image(image if image.startswith("data:") else "data:image/png;base64," + image,
-                                       "image", mode=None) if False else _open_inline(state, image)
+        picture = _open_inline(state, image)
     except DiffspeedError as err:
         return _unprocessable([("image", str(err))])
     text = picture.info.get(KEY)
@@ -584,11 +604,9 @@ def _open_inline(state: ServerState, image: str):
     """A base64 image opened with its text chunks (header-checked against the pixel limit first)."""
     from PIL import Image
 
-    data = image.split(",", 1)[1] if image.startswith("data:") else image
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise DiffspeedError(f"image: not valid base64 ({err})", field="image") from err
+    from diffspeed.resolve import inline_bytes
+
+    raw = inline_bytes(image, "image")
     state.resolver._check_pixels(io.BytesIO(raw), "image")
     picture = Image.open(io.BytesIO(raw))
     picture.load()

@@ -38,7 +38,7 @@ DEFAULT_SAMPLER = "Euler"  # the web UI API's sampler_index default
 class _WebUIModel(BaseModel):
     """Unknown keys are ignored (as the web UI does); ``null`` for a field that has a value means its default."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: 422, never echoed back
 
     @model_validator(mode="before")
     @classmethod
@@ -607,10 +607,15 @@ def _hires(api: Txt2ImgRequest, fields: dict, problems) -> None:
     if not api.enable_hr:
         return
     width, height = fields["width"], fields["height"]
+    if width <= 0 or height <= 0:  # refused on its own: firstphase_* here, width/height by GenerateRequest
+        return
     if api.hr_resize_x or api.hr_resize_y:
         scale, target, field = _hires_resize(api, width, height, problems)
     else:
         scale, field = float(api.hr_scale), "hr_scale"
+        if not math.isfinite(scale * max(width, height)):
+            problems.append(("hr_scale", f"hr_scale: {scale:g} is too large"))
+            return
         target = (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)  # the latents are the size // 8
     if scale is not None and scale <= 1:
         problems.append((field, f"{field}: diffspeed's hires fix upscales (a scale above 1); got {scale:g}"))
@@ -733,6 +738,12 @@ class ImageResponse(BaseModel):
     parameters: dict[str, Any] = Field(description="the request as received, defaults filled")
     info: str = Field(description="a JSON object: the generation's seeds, infotexts, and a 'diffspeed' object with "
                       "timings, statistics and the recipe")
+
+
+class ErrorDetail(BaseModel):
+    """An error that is not about one field (400, 409, 413, 429, 500, 503, 504)."""
+
+    detail: str
 
 
 class ProgressState(BaseModel):
