@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_batch(sub)
     _add_convert(sub)
     p = sub.add_parser("presets", help="list the goal presets: what each is for, the recipe each resolves to on "
                        "this machine and why, and the numbers it was chosen on")
@@ -483,6 +484,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
                    "available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    ray = p.add_argument_group("Ray Serve", "scale out: the same API, generation on Ray Serve replicas (one GPU "
+                               "each where the cluster has GPUs); needs pip install 'ray[serve]'")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of in this process")
+    ray.add_argument("--replicas", type=int, default=None, help="model replicas, each with its own queue "
+                     "(default: 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale: fewest replicas (0 allowed)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale: most replicas (scales on ongoing "
+                     "requests, --max-batch per replica)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR", help="an existing cluster (e.g. "
+                     "ray://head:10001 or auto; default: start a local one on this machine)")
     p.set_defaults(func=cmd_serve, precheck=check_serve_args, loads_models=True)
 
 
@@ -492,6 +503,18 @@ def check_serve_args(args) -> None:
 
     check_device(args.device)
     parse_auth(args.api_auth)
+    ray_options = {"--replicas": args.replicas, "--min-replicas": args.min_replicas,
+                   "--max-replicas": args.max_replicas, "--ray-address": args.ray_address}
+    given = [flag for flag, value in ray_options.items() if value is not None]
+    if given and not args.ray:
+        raise DiffspeedError(f"{given[0]}: only with --ray", field=given[0].lstrip("-").replace("-", "_"))
+    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+        raise DiffspeedError("--replicas: give either --replicas N or --min-replicas/--max-replicas, not both",
+                             field="replicas")
+    if args.ray:
+        from diffspeed.server.ray_serve import check_replicas
+
+        check_replicas(args.replicas or 1, args.min_replicas, args.max_replicas)
 
 
 def cmd_serve(args) -> int:
@@ -513,6 +536,14 @@ def cmd_serve(args) -> int:
     if config.exposed and not config.api_auth:
         print(f"diffspeed: warning: listening on {config.host} without --api-auth: anyone who can reach this "
               f"port can generate and read the server's model list", file=sys.stderr)
+    if args.ray:
+        from diffspeed.server.ray_serve import serve_forever
+
+        if args.ray_address is None:
+            _check_port(config.host, config.port)
+        serve_forever(config, replicas=args.replicas or 1, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, address=args.ray_address)
+        return 0
     _check_port(config.host, config.port)
     app = create_app(config)
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
@@ -562,6 +593,76 @@ def _server_class():
 
 def _Server(config):  # noqa: N802 -- a class made on demand, so the CLI imports uvicorn only to serve
     return _server_class()(config)
+
+
+def _add_batch(sub) -> None:
+    from diffspeed.pipelines.load import DEFAULT_MODEL
+
+    p = sub.add_parser("batch", help="bulk generation from a JSONL/CSV/TXT file of requests, resumable; in-process "
+                       "or on Ray Data (--ray)")
+    p.add_argument("prompts", help="a .jsonl (request fields per line, optional id), .csv (a header of field names) "
+                   "or .txt (a prompt per line, # comments) file; image paths are relative to its folder")
+    p.add_argument("--out", required=True, help="output folder: NNNNN-<seed>.png and results.jsonl; a rerun skips "
+                   "complete outputs")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped name, diffusers folder, .safetensors file or hub id")
+    p.add_argument("--preset", default=None, help="a goal preset (see diffspeed presets)")
+    p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
+    p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="add an optimization (repeatable; after --recipe's)")
+    p.add_argument("--ray", action="store_true", help="run the chunks on Ray Data, an actor (one model) per worker")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--workers", type=int, default=1, help="model copies working at once (more than 1 needs --ray)")
+    p.add_argument("--batch-size", type=int, default=1, help="most images per pipeline call; consecutive compatible "
+                   "requests are grouped (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="a request without a seed gets this plus the number of "
+                   "images before it (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (and Ray CPUs) per worker "
+                   "(default: a local Ray cluster's CPUs shared among the workers; 1 on --ray-address; in-process: "
+                   "torch's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch, precheck=check_batch_args, loads_models=True)
+
+
+def check_batch_args(args) -> None:
+    from diffspeed.pipelines.load import check_device
+
+    check_device(args.device)
+    check_out_dir(args.out, "out")
+    if args.workers > 1 and not args.ray:
+        raise DiffspeedError(f"workers: {args.workers} workers need --ray; without it the chunks run in this "
+                             f"process, one at a time", field="workers")
+    if args.ray_address and not args.ray:
+        raise DiffspeedError("ray-address: only with --ray", field="ray_address")
+
+
+def cmd_batch(args) -> int:
+    import signal
+
+    from diffspeed.batch import run_batch
+
+    device = args.device or "cpu"
+    if args.preset:
+        from diffspeed.pipelines.load import resolve_device
+
+        device = str(resolve_device(args.device))
+    recipe = build_recipe(args.recipe, args.opt, args.preset, device)
+
+    def terminate(signum, frame):  # SIGTERM as Ctrl-C: the finally blocks shut Ray down and close results.jsonl
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        summary = run_batch(args.prompts, args.out, model=args.model, recipe=recipe, preset=args.preset,
+                            ray=args.ray, ray_address=args.ray_address, workers=args.workers,
+                            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                            threads=args.threads, progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(summary.line())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
