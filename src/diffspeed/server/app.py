@@ -99,7 +99,7 @@ def create_app(config: ServerConfig | None = None, backend=None) -> FastAPI:
                   description="The AUTOMATIC1111 web UI's API (/sdapi/v1) served by diffspeed, plus diffspeed's own "
                   "routes (/diffspeed/v1). See the README's 'Server' section for the differences.")
     app.state.diffspeed = state
-    app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.add_middleware(_Guard, config=config)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     _routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -122,8 +122,8 @@ class _Guard:
     """HTTP Basic auth on every route (when configured) and the request-body limit (413), as plain ASGI so the
     body is counted as it streams in, never buffered past the limit."""
 
-    def __init__(self, app, config: ServerConfig, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, config: ServerConfig):
+        self.app = app
         self.users = [(u.encode(), p.encode()) for u, p in config.api_auth]
         self.limit = config.limits.max_body_bytes
 
