@@ -149,13 +149,21 @@ class Resolver:
             path = self._image_path(ref, field)
             self._check_pixels(path, field)
             return load_image(path, field, mode)
+        return self.open_inline(ref, field).convert(mode)
+
+    def open_inline(self, ref: str, field: str):
+        """A base64 image reference decoded as it is (its text chunks in ``.info``), once its header passed
+        the pixel limit."""
+        from PIL import Image
+
         raw = inline_bytes(ref, field)
         self._check_pixels(io.BytesIO(raw), field)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(raw)) as im:
-                    return im.convert(mode)
+                image = Image.open(io.BytesIO(raw))
+                image.load()
+                return image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise DiffspeedError(f"{field}: the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels (the "
                                  f"decompression-bomb limit)", field=field) from err
@@ -191,8 +199,10 @@ class Resolver:
 
         if spec in self._added:
             return load_controlnet(self._added[spec], pipe)
+        from diffspeed.pipelines.cache import _files_version
+
         path = controlnet_dir(self._folder(spec, "controlnet"))
-        key = (str(path.resolve()), _version(path), str(pipe.unet.dtype), str(pipe.unet.device))
+        key = (str(path.resolve()), _files_version(path), str(pipe.unet.dtype), str(pipe.unet.device))
         with self._lock:
             model = self._controlnets.get(key)
             if model is not None:
@@ -228,6 +238,3 @@ class Resolver:
 def _is_controlnet(model) -> bool:
     return type(model).__name__.startswith("ControlNet")
 
-
-def _version(path: Path) -> tuple:
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import secrets
 import time
@@ -60,7 +59,7 @@ class ServerState:
 
     @property
     def model_entry(self):
-        return next(e for e in self.catalog.models() if e.name == self.model)
+        return self.catalog.entry(self.model)
 
 
 def make_resolver(config: ServerConfig):
@@ -338,7 +337,7 @@ def _filled(state: ServerState, request: GenerateRequest, model: str, recipe) ->
     """Steps, sampler, CFG and size resolved now, so equal requests have equal batch keys."""
     from diffspeed.generate import resolve_sampling
 
-    entry = next(e for e in state.catalog.models() if e.name == model)
+    entry = state.catalog.entry(model)
     sampling = resolve_sampling(request, recipe, None)
     cfg = request.cfg_scale if request.cfg_scale is not None else (entry.recommended_cfg or sampling.cfg_scale)
     changes = {"steps": sampling.steps, "sampler": sampling.sampler, "cfg_scale": cfg}
@@ -395,7 +394,7 @@ def _respond(state: ServerState, plan, work: Work, result, job_timestamp: str | 
     if plan.save_images:
         folder = Path(state.config.outputs_dir) / f"{plan.kind}-images" / datetime.now().strftime("%Y-%m-%d")
         save_images(result, folder)
-    entry = next(e for e in state.catalog.models() if e.name == work.model)
+    entry = state.catalog.entry(work.model)
     info = json.loads(webui.info_json(plan, [result], model_name=entry.name, model_hash=entry.hash,
                                       version=f"diffspeed {__version__}", job_timestamp=job_timestamp,
                                       batched_with=result.stats.get("batched_requests", 1) - 1))
@@ -586,7 +585,7 @@ def _png_info(state: ServerState, image: str) -> dict | JSONResponse:
     if not image:
         return _unprocessable([("image", "image: empty; send a base64 PNG")])
     try:
-        picture = _open_inline(state, image)
+        picture = state.resolver.open_inline(image, "image")
     except DiffspeedError as err:
         return _unprocessable([("image", str(err))])
     text = picture.info.get(KEY)
@@ -598,16 +597,3 @@ def _png_info(state: ServerState, image: str) -> dict | JSONResponse:
     except ValueError:
         params = {}
     return {"info": text, "items": items, "parameters": params}
-
-
-def _open_inline(state: ServerState, image: str):
-    """A base64 image opened with its text chunks (header-checked against the pixel limit first)."""
-    from PIL import Image
-
-    from diffspeed.resolve import inline_bytes
-
-    raw = inline_bytes(image, "image")
-    state.resolver._check_pixels(io.BytesIO(raw), "image")
-    picture = Image.open(io.BytesIO(raw))
-    picture.load()
-    return picture

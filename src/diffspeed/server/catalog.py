@@ -42,11 +42,10 @@ class LoraEntry:
 class Catalog:
     """Models: the server's ``--model``, the shipped models and those under ``models_dir`` (``*.safetensors``
     files and diffusers folders, at its top or in ``Stable-diffusion/``); LoRAs: the shipped ones and
-    ``models_dir/Lora/*.safetensors``. ``refresh()`` rescans; hashes are cached by file size and time."""
+    ``models_dir/Lora/*.safetensors``. ``refresh()`` rescans (``model_hash`` is memoized on file size and time)."""
 
     def __init__(self, default_model: str, models_dir: str | Path | None = None):
         self.models_dir = Path(models_dir).expanduser() if models_dir is not None else None
-        self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self._models: dict[str, ModelEntry] = {}
         self._loras: dict[str, LoraEntry] = {}
@@ -88,7 +87,7 @@ class Catalog:
 
     def _entry(self, source: str) -> ModelEntry:
         from diffspeed.generate import _card_cfg
-        from diffspeed.pipelines.load import SHIPPED, shipped_path
+        from diffspeed.pipelines.load import SHIPPED, model_hash, shipped_path
 
         if source in SHIPPED:
             path, kind, name = shipped_path(source), "shipped", source
@@ -101,17 +100,8 @@ class Catalog:
             name = path.name
         size = _native_size(path) if path.is_dir() else None
         cfg = _card_cfg(str(path)) if kind == "shipped" else None
-        return ModelEntry(name, str(source if kind == "shipped" else path.resolve()), self._hash(path), kind, size,
+        return ModelEntry(name, str(source if kind == "shipped" else path.resolve()), model_hash(path), kind, size,
                           cfg)
-
-    def _hash(self, path: Path) -> str:
-        from diffspeed.pipelines.load import model_hash
-
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        key = (str(path), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-        if key not in self._hashes:
-            self._hashes[key] = model_hash(path)
-        return self._hashes[key]
 
     # ------------------------------------------------------------------------------------------ look-ups
     def models(self) -> list[ModelEntry]:
@@ -121,6 +111,11 @@ class Catalog:
     def loras(self) -> list[LoraEntry]:
         with self._lock:
             return list(self._loras.values())
+
+    def entry(self, name: str) -> ModelEntry:
+        """The listed model called exactly ``name`` (a name :meth:`model` returned)."""
+        with self._lock:
+            return self._models[name]
 
     def model(self, title: str) -> ModelEntry:
         """The model a title, a name or a name with another hash names; a clear error listing them otherwise."""

@@ -62,7 +62,7 @@ class Engine:
         with self._lock:
             if self._model == name and self._pipe is not None:
                 return self._pipe
-            entry = next(e for e in self.catalog.models() if e.name == name)
+            entry = self.catalog.entry(name)
             self._drop_recipe()
             pipe = self.resolver.model(entry.source, device=self.device, dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)

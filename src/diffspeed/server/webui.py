@@ -27,9 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from diffspeed.errors import DiffspeedError
 from diffspeed.pipelines.samplers import SAMPLERS
 from diffspeed.pipelines.workflows import HIRES_UPSCALERS
+from diffspeed.request import RequestError
 
 DEFAULT_SAMPLER = "Euler"  # the web UI API's sampler_index default
 
@@ -152,15 +152,9 @@ class Img2ImgRequest(_ProcessingRequest):
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-class PlanError(DiffspeedError):
+class PlanError(RequestError):
     """Every problem of a web-UI request at once: ``problems`` lists ``(field, message)`` in web-UI field names;
     ``field`` is the first's."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = list(problems)
-        text = "; ".join(message for _, message in self.problems)
-        super().__init__(text if len(self.problems) == 1 else f"{len(self.problems)} problems: {text}",
-                         field=self.problems[0][0] if self.problems else None)
 
 
 @dataclass(frozen=True)
@@ -267,7 +261,7 @@ def plan_request(api: Txt2ImgRequest | Img2ImgRequest, *, default_sampler: str |
 
 def _request_problems(fields: dict, known: set[str]) -> list[tuple[str, str]]:
     """What GenerateRequest says about ``fields`` (in web-UI names), minus fields already reported."""
-    from diffspeed.request import GenerateRequest, RequestError
+    from diffspeed.request import GenerateRequest
 
     try:
         GenerateRequest(**fields)
