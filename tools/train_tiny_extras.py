@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Train the shipped extras of the tiny models on a CPU: a mask ControlNet and an SDXL refiner.
 
-    python tools/train_tiny_extras.py controlnet --family sd    # -> models/tiny-sd-controlnet-mask/
-    python tools/train_tiny_extras.py controlnet --family sdxl  # -> models/tiny-sdxl-controlnet-mask/
+Each is written into the shipped models' folder, ``models/src/diffspeed_models/`` (the diffspeed-models
+distribution):
+
+    python tools/train_tiny_extras.py controlnet --family sd    # -> tiny-sd-controlnet-mask/
+    python tools/train_tiny_extras.py controlnet --family sdxl  # -> tiny-sdxl-controlnet-mask/
     python tools/train_tiny_extras.py controlnet-card           # final evaluation, samples.png, model card
-    python tools/train_tiny_extras.py refiner                   # -> models/tiny-sdxl-refiner/
+    python tools/train_tiny_extras.py refiner                   # -> tiny-sdxl-refiner/
 
 Both start from the shipped base model, use its frozen VAE and text encoders, the same procedural data and
 the same data stream rules as ``train_tiny_models.py`` (every batch from a generator seeded with (seed,

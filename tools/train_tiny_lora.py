@@ -9,7 +9,7 @@ adapters on the UNet's attention and feed-forward projections and its ResNet con
 a first leg on the projections alone, rank 4, lowered saturation only 18 % -- colour is set largely in the
 convolutions), the UNet itself frozen, the same epsilon / min-SNR-5 objective as the base model, 10 % of
 captions dropped so that the unconditional branch of classifier-free guidance is gray too. Saved in
-diffusers' LoRA layout, fp16, into ``src/diffspeed/models/tiny-sd-lora-monochrome/`` with a training.json;
+diffusers' LoRA layout, fp16, into ``models/src/diffspeed_models/tiny-sd-lora-monochrome/`` with a training.json;
 a later leg resumes from it (``--restart`` starts again).
 """
 
@@ -34,7 +34,7 @@ from train_tiny_models import SCHEDULER, conditioning, log  # noqa: E402
 from diffspeed.tiny.check import saturation  # noqa: E402
 from diffspeed.tiny.data import held_out_scenes, training_batch  # noqa: E402
 
-OUT = ROOT / "src" / "diffspeed" / "models" / "tiny-sd-lora-monochrome"
+OUT = ROOT / "models" / "src" / "diffspeed_models" / "tiny-sd-lora-monochrome"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 CAPTION_DROPOUT = 0.1
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)[None, :, None, None]

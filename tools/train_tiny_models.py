@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train the embedded tiny models (diffspeed-tiny-sd, diffspeed-tiny-sdxl) on procedural shapes, on a CPU.
 
-Stages, each resumable and each writing straight into ``src/diffspeed/models/<name>/`` in fp16:
+Stages, each resumable and each writing straight into ``models/src/diffspeed_models/<name>/`` in fp16 (the
+diffspeed-models distribution; bump its version when the weights change):
 
     python tools/train_tiny_models.py vae                 # ~10 min: AutoencoderKL 64x64x3 -> 16x16x4
     python tools/train_tiny_models.py text --family sd    # ~3 min: text encoder states the scene (see below)
@@ -30,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,12 +41,13 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "models" / "src"))  # diffspeed reads the models written here, not an installed copy
 
 from diffspeed import metrics  # noqa: E402
 from diffspeed.tiny.check import run_colour_check  # noqa: E402
 from diffspeed.tiny.data import SIZE, held_out_scenes, render, training_batch  # noqa: E402
 
-MODELS = ROOT / "src" / "diffspeed" / "models"
+MODELS = ROOT / "models" / "src" / "diffspeed_models"  # the shipped models: the diffspeed-models distribution
 TOKENIZER_SRC = ROOT / "src" / "diffspeed" / "configs" / "clip-tokenizer"
 NAMES = {"sd": "tiny-sd", "sdxl": "tiny-sdxl"}
 GUIDANCE_SWEEP = (3.0, 5.0, 7.5, 10.0)
@@ -60,10 +61,13 @@ def log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- builders
 def write_tokenizer(dst: Path, pad_token: str) -> None:
-    """The real CLIP BPE (49,408 tokens) as vocab.json + merges.txt, which CLIPTokenizer reads exactly."""
+    """The real CLIP BPE (49,408 tokens) as tokenizer.json, made from vocab.json + merges.txt in diffspeed's
+    configs/clip-tokenizer (their one copy in the repository: transformers 5 reads only tokenizer.json)."""
+    from transformers import CLIPTokenizer
+
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copyfile(TOKENIZER_SRC / f, dst / f)
+    if not (dst / "tokenizer.json").is_file():
+        CLIPTokenizer.from_pretrained(TOKENIZER_SRC, pad_token=pad_token).save_pretrained(dst)
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
            "do_lower_case": True, "clean_up_tokenization_spaces": True}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distil a tiny autoencoder (TAESD layout, diffusers ``AutoencoderTiny``) from the embedded models' KL VAE.
 
-    python tools/train_tiny_taesd.py --minutes 10 --steps 1200            # -> src/diffspeed/models/taesd-tiny
+    python tools/train_tiny_taesd.py --minutes 10 --steps 1200            # -> models/src/diffspeed_models/taesd-tiny
     python tools/train_tiny_taesd.py --out /tmp/taesd-smoke --steps 30 --threads 1   # a smoke run
 
 What it learns (TAESD's recipe, Ollin Boer Bohan, github.com/madebyollin/taesd):
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from diffspeed import metrics  # noqa: E402
 from diffspeed.tiny.data import held_out_scenes, training_batch  # noqa: E402
 
-MODELS = ROOT / "src" / "diffspeed" / "models"
+MODELS = ROOT / "models" / "src" / "diffspeed_models"
 EVAL_IMAGES = 64
 
 

@@ -85,9 +85,10 @@ class Resolver:
                       | {n for n, m in self._added.items() if not _is_controlnet(m)})
 
     def _installed(self, names, marker: str) -> list[str]:
-        from diffspeed.pipelines.load import MODELS_DIR
+        from diffspeed.pipelines.load import installed_models_dir
 
-        return [n for n in names if (MODELS_DIR / n / marker).is_file()]
+        shipped = installed_models_dir()
+        return [n for n in names if shipped is not None and (shipped / n / marker).is_file()]
 
     def _found(self, kind: str) -> dict[str, Path]:
         """``models_dir/<kind>/<name>`` folders (a diffusers folder each)."""

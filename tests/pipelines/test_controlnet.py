@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from diffspeed import DiffspeedError, GenerateRequest, accelerate, generate
 from diffspeed.cli import main
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
-from diffspeed.pipelines.load import MODELS_DIR
+from diffspeed.pipelines.load import shipped_path
 from diffspeed.pngmeta import parse_parameters, read_parameters
 from diffspeed.resolve import Resolver
 from diffspeed.tiny.check import foreground
@@ -123,7 +123,7 @@ def test_controlnet_with_img2img_inpaint_and_hires(tiny_sd, untrained):
 
 
 def _trained(family: str):
-    path = MODELS_DIR / SHIPPED[family]
+    path = shipped_path(SHIPPED[family])
     if not (path / "config.json").is_file():
         pytest.skip(f"{SHIPPED[family]} is not shipped yet: it comes from "
                     f"'tools/train_tiny_extras.py controlnet --family {family}'")

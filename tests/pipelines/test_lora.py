@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffspeed import DiffspeedError, GenerateRequest, generate
-from diffspeed.pipelines.load import MODELS_DIR
+from diffspeed.pipelines.load import shipped_path
 from diffspeed.pipelines.lora import (
     active_loras,
     fuse_loras,
@@ -23,7 +23,7 @@ from diffspeed.pipelines.lora import (
 from diffspeed.pngmeta import parse_parameters
 
 PROMPT = "a red circle at center on a blue background"
-SHIPPED = MODELS_DIR / "tiny-sd-lora-monochrome" / "pytorch_lora_weights.safetensors"
+SHIPPED = shipped_path("tiny-sd-lora-monochrome") / "pytorch_lora_weights.safetensors"
 
 
 def _random_lora(unet, path, seed: int, kohya: bool = False):
@@ -216,7 +216,7 @@ def test_shipped_monochrome_lora_removes_colour_and_unfusing_restores_the_baseli
 def test_shipped_lora_name_is_a_clear_error_when_missing(monkeypatch, tmp_path):
     import diffspeed.pipelines.load as load_mod
 
-    monkeypatch.setattr(load_mod, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(load_mod, "installed_models_dir", lambda: tmp_path)
     with pytest.raises(DiffspeedError, match="tiny-sd-lora-monochrome is not shipped") as err:
         resolve_lora_path("tiny-sd-lora-monochrome")
     assert err.value.field == "lora"

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from diffspeed.core import Edits, OptConfig, Optimization, RunState, param, register
 from diffspeed.errors import DiffspeedError
+from diffspeed.pipelines.load import MODELS_HINT, installed_models_dir
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "models" / "taesd-tiny"
+# in the diffspeed-models distribution; without it a path that says so (requirements() then reports it missing)
+DEFAULT_PATH = (installed_models_dir() or Path(f"[not installed: {MODELS_HINT}]")) / "taesd-tiny"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,6 @@ from diffspeed.errors import DiffspeedError
 
 torch = lazy_import("torch")  # the CLI's help and validation paths read this module's names without torch
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SHIPPED = ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner")
 DEFAULT_MODEL = "tiny-sd"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -128,8 +127,41 @@ def _restore_logging(log, level: int, bars: bool) -> None:
     (log.enable_progress_bar if bars else log.disable_progress_bar)()
 
 
-def shipped_path(name: str) -> Path:
-    return MODELS_DIR / name
+# The shipped models are their own distribution, diffspeed-models (the repository's models/ folder): 100 MB of
+# weights that change rarely, kept out of this package. It is imported on first use, and costs no torch.
+MODELS_HINT = "pip install diffspeed-models (from this repo: pip install -e ./models)"
+
+
+def installed_models_dir() -> Path | None:
+    """The folder of the shipped models, or ``None`` when diffspeed-models is not installed (for listings)."""
+    try:
+        import diffspeed_models
+    except ImportError:
+        return None
+    return Path(diffspeed_models.MODELS_DIR)
+
+
+def models_dir(*, field: str = "model") -> Path:
+    """The folder of the shipped models; without diffspeed-models a one-line error naming ``field``."""
+    path = installed_models_dir()
+    if path is None:
+        raise DiffspeedError(f"{field}: the shipped models are not installed; {MODELS_HINT}", field=field)
+    return path
+
+
+def shipped_path(name: str, *, field: str = "model") -> Path:
+    """The folder of the shipped model ``name``; without diffspeed-models a one-line error naming it."""
+    path = installed_models_dir()
+    if path is None:
+        raise DiffspeedError(f"{field}: {name} is a shipped model, but the shipped models are not installed; "
+                             f"{MODELS_HINT}", field=field)
+    return path / name
+
+
+def __getattr__(name: str):
+    if name == "MODELS_DIR":  # the constant this module had: now looked up when asked for
+        return models_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, allow_pickle: bool = False,

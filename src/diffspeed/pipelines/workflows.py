@@ -154,9 +154,10 @@ SHIPPED_CONTROLNETS = {"tiny-sd-controlnet-mask": "sd", "tiny-sdxl-controlnet-ma
 
 def controlnet_dir(spec: str | Path) -> Path:
     """The folder of a ControlNet given as a shipped name or a path; a clear error if it is not one."""
-    from diffspeed.pipelines.load import MODELS_DIR
+    from diffspeed.pipelines.load import shipped_path
 
-    path = MODELS_DIR / str(spec) if str(spec) in SHIPPED_CONTROLNETS else Path(spec).expanduser()
+    path = (shipped_path(str(spec), field="controlnet") if str(spec) in SHIPPED_CONTROLNETS
+            else Path(spec).expanduser())
     if not (path / "config.json").is_file():
         hint = (f" (not in this install: tools/train_tiny_extras.py controlnet --family "
                 f"{SHIPPED_CONTROLNETS[str(spec)]} trains it there)" if str(spec) in SHIPPED_CONTROLNETS else "")
@@ -203,7 +204,7 @@ def refiner_dir(spec: str | Path) -> Path:
     """The diffusers folder of a refiner given as a shipped name or a path; a clear error if it is not one."""
     from diffspeed.pipelines.load import SHIPPED, shipped_path
 
-    path = shipped_path(str(spec)) if str(spec) in SHIPPED else Path(spec).expanduser()
+    path = shipped_path(str(spec), field="refiner") if str(spec) in SHIPPED else Path(spec).expanduser()
     if not (path / "model_index.json").is_file():
         raise DiffspeedError(f"refiner: no diffusers pipeline folder (with model_index.json) at {path}; give an "
                              f"SDXL refiner folder or the shipped tiny-sdxl-refiner", field="refiner")

@@ -66,11 +66,12 @@ class Catalog:
                     entry = self._entry(str(path))
                     found.setdefault(entry.name, entry)
         loras = {}
-        from diffspeed.pipelines.load import MODELS_DIR
+        from diffspeed.pipelines.load import installed_models_dir
         from diffspeed.pipelines.lora import SHIPPED_LORAS
 
-        for name in SHIPPED_LORAS:
-            files = sorted((MODELS_DIR / name).glob("*.safetensors"))
+        shipped = installed_models_dir()
+        for name in SHIPPED_LORAS if shipped is not None else ():
+            files = sorted((shipped / name).glob("*.safetensors"))
             if len(files) == 1:
                 loras[name] = LoraEntry(name, files[0])
         if self.models_dir is not None:
