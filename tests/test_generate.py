@@ -94,13 +94,14 @@ def _card_cfg():
 def test_resolve_sampling_rule(tiny_sd):
     recipe = Recipe.of(SamplerConfig(sampler="Euler a", steps=3))
     bare = GenerateRequest(prompt=PROMPT)
-    assert resolve_sampling(bare) == ("DPM++ 2M", 20, 7.0)
+    assert resolve_sampling(bare) == ("DPM++ 2M", 20, 7.0, None)
     assert resolve_sampling(bare, pipe=tiny_sd).cfg_scale == _card_cfg()
-    assert resolve_sampling(bare, recipe) == ("Euler a", 3, 7.0)
+    assert resolve_sampling(bare, recipe) == ("Euler a", 3, 7.0, None)
     same = GenerateRequest(prompt=PROMPT, sampler="euler A", steps=3, cfg_scale=5.0)
-    assert resolve_sampling(same, recipe, tiny_sd) == ("Euler a", 3, 5.0)
+    assert resolve_sampling(same, recipe, tiny_sd) == ("Euler a", 3, 5.0, None)
     assert resolve_sampling(GenerateRequest(prompt=PROMPT, steps=9), Recipe.of(SamplerConfig(sampler="Euler"))) \
-        == ("Euler", 9, 7.0)
+        == ("Euler", 9, 7.0, None)
+    assert resolve_sampling(GenerateRequest(prompt=PROMPT, sampler="DDIM")).eta == 0.0  # DDIM reads eta
 
 
 @pytest.mark.parametrize(("field", "value", "mine"), [("sampler", "DPM++ 2M", "'Euler a'"), ("steps", 2, "3")])

@@ -321,7 +321,7 @@ class ChunkRunner:
         with quiet_loading():
             self.pipe = diffspeed.load(model, dtype=dtype, device=device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.fast = diffspeed.accelerate(self.pipe, recipe) if recipe.optimizations else None
+        self.fast = diffspeed.accelerate(self.pipe, recipe, strict=False) if recipe.optimizations else None
 
     def run(self, chunk: dict) -> list[dict]:
         """One chunk (``{"chunk": n, "items": [Item.to_wire(), ...]}``) as one ``generate_batch`` call; writes

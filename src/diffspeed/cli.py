@@ -96,6 +96,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--recipe", default=None, help="a recipe file (.toml or .json) of optimizations")
     p.add_argument("--opt", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="add an optimization, e.g. --opt cfg_cutoff:fraction=0.5 (repeatable; after --recipe's)")
+    p.add_argument("--accelerator", default=None, metavar="NAME[:WEIGHT]",
+                   help="a step-distilled LoRA with its sampler, steps and guidance: lcm, tcd, hyper-sd or "
+                   "lightning (tiny-sd ships an lcm one; others need --accelerator-lora); --steps/--cfg-scale win")
+    p.add_argument("--accelerator-lora", default=None, metavar="FILE",
+                   help="the distilled LoRA's .safetensors file (or folder) for --accelerator")
     p.set_defaults(func=cmd_generate, precheck=check_generate_args, loads_models=True)
 
 
@@ -105,6 +110,14 @@ def check_generate_args(args) -> None:
 
     check_device(args.device)
     check_out_dir(args.out, "out")
+    accelerator, lora = getattr(args, "accelerator", None), getattr(args, "accelerator_lora", None)  # not on batch
+    if lora is not None and accelerator is None:
+        raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
+                             field="accelerator-lora")
+    if accelerator is not None:
+        from diffspeed.optim.accelerator import parse_accelerator
+
+        parse_accelerator(accelerator, lora)
 
 
 def check_out_dir(path: str, field: str) -> None:
@@ -150,8 +163,10 @@ def parse_opt(spec: str) -> dict:
     return item
 
 
-def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = None, device: str = "cpu"):
-    """The preset's recipe for ``device``, then the recipe file's optimizations, then the ``--opt`` ones."""
+def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = None, device: str = "cpu",
+                 accelerator: dict | None = None):
+    """The preset's recipe for ``device``, then the recipe file's optimizations, then the ``--opt`` ones, then
+    the ``--accelerator`` (a recipe entry, see :func:`diffspeed.optim.accelerator.parse_accelerator`)."""
     from diffspeed.core import Recipe
 
     data = {"optimization": []}
@@ -162,9 +177,11 @@ def build_recipe(recipe_path: str | None, opts: list[str], preset: str | None = 
     if recipe_path:
         base = Recipe.load(recipe_path).to_dict()
         data = base | {"optimization": data["optimization"] + base.get("optimization", [])}
-    data["optimization"] = data.get("optimization", []) + [parse_opt(o) for o in opts]
+    data["optimization"] = data.get("optimization", []) + [parse_opt(o) for o in opts] + \
+        ([accelerator] if accelerator else [])
     return Recipe.from_dict(data, source=" + ".join(filter(None, [preset and f"preset {preset}", recipe_path,
-                                                                   opts and "--opt"])) or "--opt")
+                                                                   opts and "--opt",
+                                                                   accelerator and "--accelerator"])) or "--opt")
 
 
 def cmd_generate(args) -> int:
@@ -183,7 +200,12 @@ def cmd_generate(args) -> int:
     # only a preset depends on the device (its hardware class): finding out whether CUDA is there needs torch,
     # which a recipe file's or an --opt's validation does not
     device = str(resolve_device(args.device)) if args.preset else (args.device or "cpu")
-    recipe = build_recipe(args.recipe, args.opt, args.preset, device)
+    accelerator = None
+    if args.accelerator is not None:
+        from diffspeed.optim.accelerator import parse_accelerator
+
+        accelerator = parse_accelerator(args.accelerator, args.accelerator_lora)
+    recipe = build_recipe(args.recipe, args.opt, args.preset, device, accelerator)
     resolve_sampling(request, recipe)  # a request/recipe sampler conflict fails before any model loads
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)
@@ -196,7 +218,7 @@ def cmd_generate(args) -> int:
             fuse_loras(pipe)
     with warnings.catch_warnings(record=True) as caught:  # quiet_loading hides UserWarnings: keep ours
         warnings.simplefilter("always", SlowDtypeWarning)
-        fast = diffspeed.accelerate(pipe, recipe)
+        fast = diffspeed.accelerate(pipe, recipe, strict=False)  # no-effect optimizations are printed as events
     for w in caught:
         if issubclass(w.category, SlowDtypeWarning):
             print(f"diffspeed: warning: {w.message}", file=sys.stderr)
@@ -233,6 +255,12 @@ def _add_bench(sub) -> None:
     e.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the peers (DeepCache package, tomesd, diffusers enable_* and compile); default: "
                    "on when nothing else is chosen")
+    e.add_argument("--accelerator", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="one more entry: a step-distilled LoRA (lcm, tcd, hyper-sd, lightning), run at its "
+                   "recommended steps, CFG and sampler while the baseline keeps --steps/--cfg-scale (repeatable)")
+    e.add_argument("--accelerator-lora", default=None, metavar="FILE",
+                   help="the distilled LoRA's .safetensors file (or folder) for every --accelerator (default: the "
+                   "one shipped for the model: tiny-sd lcm)")
     e.add_argument("--only", action="append", default=[], help="keep only entries whose name contains this")
     e.add_argument("--plugin", action="append", default=[], help="module or .py file registering more "
                    "optimizations, imported by every entry's process")
@@ -240,12 +268,16 @@ def _add_bench(sub) -> None:
     q.add_argument("--queue", default=None, help="tiny, seed001 (the SDXL guide's 4 prompts) or a JSON/TOML "
                    "file of {prompt, seed}; default: tiny for the tiny models, seed001 otherwise")
     q.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of the queue")
+    q.add_argument("--adherence", type=int, default=None, metavar="N",
+                   help="the queue is the first N of the colour check's 60 held-out prompts (seeds 0..N-1), "
+                   "for prompt adherence (background/shape accuracy, reported for every colour-check queue)")
     q.add_argument("--steps", type=int, default=20, help="denoising steps of every entry")
     q.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the model's; 256 "
                    "for random:)")
     q.add_argument("--sampler", default="DPM++ 2M", help="sampler of every entry, baseline included (default: "
                    "DPM++ 2M, as diffspeed generate; 'model' keeps the model's own scheduler)")
-    q.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale of every entry")
+    q.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale of every entry "
+                   "but an --accelerator's (default: the model card's recommended scale, tiny-sd 3; else 7)")
     q.add_argument("--runs", type=int, default=5, help="timed passes over the queue (seed 001: 5)")
     q.add_argument("--warmup", type=int, default=1, help="warm-up images before timing (compile happens here)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
@@ -269,13 +301,42 @@ def check_bench_args(args) -> None:
 
     check_device(args.device)
     check_out_dir(bench_out(args), "out")
+    if args.adherence is not None:
+        from diffspeed.bench.queue import HELD_OUT
+        from diffspeed.errors import check_range
+
+        check_range("adherence", args.adherence, 1, HELD_OUT)
+        if args.queue:
+            raise DiffspeedError("adherence: --adherence N is the queue (N held-out colour-check prompts); give it "
+                                 "or --queue, not both", field="adherence")
+    bench_accelerators(args)
+
+
+def bench_accelerators(args) -> list[dict]:
+    """The recipe entries of ``--accelerator`` (each with ``--accelerator-lora``), validated without torch."""
+    if args.accelerator_lora is not None and not args.accelerator:
+        raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
+                             field="accelerator-lora")
+    lora = args.accelerator_lora
+    if lora is not None:
+        from diffspeed.pipelines.lora import resolve_lora_path
+
+        try:
+            path = resolve_lora_path(lora)
+        except DiffspeedError as err:
+            raise DiffspeedError(f"accelerator-lora: {str(err).removeprefix('lora: ')}",
+                                 field="accelerator-lora") from None
+        lora = str(path.resolve()) if Path(lora).expanduser().exists() else lora  # the workers' cwd may differ
+    from diffspeed.optim.accelerator import parse_accelerator
+
+    return [parse_accelerator(spec, lora, field="accelerator") for spec in args.accelerator]
 
 
 def bench_entries(args, device: str, size: int | None):
     from diffspeed.bench.peers import default_peers
     from diffspeed.bench.runner import SUITES, Entry, preset_entries, suite_from_recipe
 
-    chose = bool(args.preset or args.recipe or args.opt or args.suite)
+    chose = bool(args.preset or args.recipe or args.opt or args.suite or args.accelerator)
     presets = "all" if not chose or "all" in args.preset else args.preset
     entries = preset_entries(presets, device) if (presets == "all" or presets) else []
     for path in args.recipe:
@@ -285,6 +346,9 @@ def bench_entries(args, device: str, size: int | None):
         entries.append(Entry.of_recipe(recipe, " + ".join(args.opt), "--opt"))
     for suite in args.suite:
         entries += SUITES[suite](size or 64)
+    for spec, table in zip(args.accelerator, bench_accelerators(args)):
+        name = f"accelerator {spec.strip().lower()}"  # its steps / CFG: bench's with_accelerator_settings
+        entries.append(Entry(name, "recipe", "--accelerator", {"optimization": [table]}))
     if args.peers or (args.peers is None and not chose):
         entries += [Entry.of_peer(p) for p in default_peers()]
     if args.only:
@@ -300,7 +364,12 @@ def cmd_bench(args) -> int:
     silence_libraries()  # main()'s quiet_loading, now that the libraries load
     device = str(resolve_device(args.device))
     entries = bench_entries(args, device, args.size)
-    queue = load_queue(args.queue) if args.queue else default_queue(args.model)
+    if args.adherence is not None:
+        from diffspeed.bench.queue import colour_check_queue
+
+        queue = colour_check_queue(args.adherence)
+    else:
+        queue = load_queue(args.queue) if args.queue else default_queue(args.model)
     out = bench_out(args)
     data = bench(args.model, entries=entries, queue=queue, prompts=args.prompts, steps=args.steps, size=args.size,
                  sampler=None if args.sampler == "model" else args.sampler, cfg=args.cfg_scale, runs=args.runs,
@@ -631,6 +700,14 @@ def check_batch_args(args) -> None:
 
     check_device(args.device)
     check_out_dir(args.out, "out")
+    accelerator, lora = getattr(args, "accelerator", None), getattr(args, "accelerator_lora", None)  # not on batch
+    if lora is not None and accelerator is None:
+        raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
+                             field="accelerator-lora")
+    if accelerator is not None:
+        from diffspeed.optim.accelerator import parse_accelerator
+
+        parse_accelerator(accelerator, lora)
     if args.workers > 1 and not args.ray:
         raise DiffspeedError(f"workers: {args.workers} workers need --ray; without it the chunks run in this "
                              f"process, one at a time", field="workers")

@@ -66,6 +66,7 @@ class Sampling(NamedTuple):
     sampler: str
     steps: int
     cfg_scale: float
+    eta: float | None = None  # the call's eta, for samplers that read one (DDIM, TCD); None otherwise
 
 
 def recipe_sampler(recipe):
@@ -73,30 +74,77 @@ def recipe_sampler(recipe):
     return next((c for c in getattr(recipe, "optimizations", ()) if c.name == "sampler"), None)
 
 
+def recipe_accelerator(recipe):
+    """The config of ``recipe``'s ``accelerator`` optimization, or None."""
+    return next((c for c in getattr(recipe, "optimizations", ()) if c.name == "accelerator"), None)
+
+
+def recipe_sets_scheduler(recipe) -> bool:
+    """Whether the recipe puts its own scheduler in place (a sampler optimization naming one, an accelerator),
+    which a call then keeps instead of building the request's sampler."""
+    return getattr(recipe_sampler(recipe), "sampler", None) is not None or recipe_accelerator(recipe) is not None
+
+
 def resolve_sampling(request: GenerateRequest, recipe=None, pipe=None) -> Sampling:
-    """The one rule for the sampler, the step count and the CFG scale of a call (CLI, Python and server alike).
+    """The one rule for the sampler, the step count, the CFG scale and eta of a call (CLI, Python and server).
 
     A value the request gives is used, unless the recipe's ``sampler`` optimization sets a different one: that
     is an error naming both, since neither can be right silently. A value only the recipe sets is the
     recipe's. A value nobody sets is the default: 20 steps, DPM++ 2M, and the CFG scale the shipped model's
     card recommends (:func:`default_cfg`).
+
+    A recipe's ``accelerator`` (a step-distilled LoRA) sets the sampler it was distilled for -- a request naming
+    another is an error -- and recommends steps, CFG and eta: the request's own steps, CFG scale and eta win
+    (:func:`sampling_notes` says so in the result's events).
     """
-    config = recipe_sampler(recipe)
-    sampler = _pick("sampler", _canonical(request.sampler), _canonical(getattr(config, "sampler", None)),
-                    DEFAULT_SAMPLER)
-    steps = _pick("steps", request.steps, getattr(config, "steps", None), DEFAULT_STEPS)
-    cfg = request.cfg_scale if request.cfg_scale is not None else default_cfg(pipe)
-    return Sampling(sampler, steps, float(cfg))
+    acc = recipe_accelerator(recipe)
+    if acc is not None:
+        from diffspeed.optim.accelerator import recommended
+
+        rec = recommended(acc)
+        sampler = _pick("sampler", _canonical(request.sampler), rec.sampler, rec.sampler,
+                        f"the recipe's accelerator ({acc.method}, distilled for it)")
+        steps = request.steps if request.steps is not None else rec.steps
+        cfg = request.cfg_scale if request.cfg_scale is not None else rec.cfg_scale
+        eta = request.eta if request.eta is not None else rec.eta
+    else:
+        config = recipe_sampler(recipe)
+        sampler = _pick("sampler", _canonical(request.sampler), _canonical(getattr(config, "sampler", None)),
+                        DEFAULT_SAMPLER)
+        steps = _pick("steps", request.steps, getattr(config, "steps", None), DEFAULT_STEPS)
+        cfg = request.cfg_scale if request.cfg_scale is not None else default_cfg(pipe)
+        eta = request.eta
+    own_eta = get_sampler(sampler).eta
+    if eta is not None and own_eta is None:
+        raise DiffspeedError(f"eta: the {sampler} sampler reads no eta (DDIM, DDIM Trailing and TCD do); leave it "
+                             "out", field="eta")
+    return Sampling(sampler, steps, float(cfg), eta if eta is not None else own_eta)
+
+
+def sampling_notes(request: GenerateRequest, recipe=None) -> list[str]:
+    """Events for a request that overrides what the recipe's accelerator recommends (the request wins)."""
+    acc = recipe_accelerator(recipe)
+    if acc is None:
+        return []
+    from diffspeed.optim.accelerator import METHODS, recommended
+
+    rec, notes = recommended(acc), []
+    for label, asked, own in (("steps", request.steps, rec.steps), ("cfg_scale", request.cfg_scale, rec.cfg_scale),
+                              ("eta", request.eta, rec.eta)):
+        if asked is not None and own is not None and asked != own:
+            notes.append(f"accelerator {acc.method}: {label} {asked} as asked, instead of the recommended {own} "
+                         f"({METHODS[acc.method].source})")
+    return notes
 
 
 def _canonical(name: str | None) -> str | None:
     return None if name is None else get_sampler(name).name
 
 
-def _pick(name: str, asked, recipe_value, default):
+def _pick(name: str, asked, recipe_value, default, who: str = "the recipe's sampler optimization"):
     if asked is not None and recipe_value is not None and asked != recipe_value:
-        raise DiffspeedError(f"{name}: the request asks for {asked!r} but the recipe's sampler optimization sets "
-                             f"{recipe_value!r}; leave one out", field=name)
+        raise DiffspeedError(f"{name}: the request asks for {asked!r} but {who} sets {recipe_value!r}; leave one "
+                             "out", field=name)
     return asked if asked is not None else recipe_value if recipe_value is not None else default
 
 
@@ -168,9 +216,9 @@ def generate_batch(pipe, requests: list[GenerateRequest], *, progress: bool = Tr
     recipe = getattr(runner, "recipe", None)
     sampling = resolve_sampling(first, recipe, pipe)
     kind = first.workflow
-    notes = []
+    notes = sampling_notes(first, recipe)
     if hasattr(runner, "check_workflows"):  # reject what the recipe cannot do before any work starts
-        notes = runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else [])
+        notes += runner.check_workflows([kind] + (["lora"] if lora_parameters(pipe) else [])
                                        + (["controlnet"] if first.controlnet is not None else [])
                                        + (["refiner"] if first.refiner is not None else []))
     resolved, groups = [], []
@@ -190,9 +238,9 @@ def generate_batch(pipe, requests: list[GenerateRequest], *, progress: bool = Tr
     negatives = [r.negative_prompt for r, g in zip(resolved, groups) for _ in g]
     common = dict(prompt=[r.prompt for r, g in zip(resolved, groups) for _ in g],
                   negative_prompt=negatives if request.negative_prompt else None,
-                  guidance_scale=request.cfg_scale)
+                  guidance_scale=request.cfg_scale, **({"eta": request.eta} if request.eta is not None else {}))
     original = pipe.scheduler
-    if getattr(recipe_sampler(recipe), "sampler", None) is None:  # else the recipe's scheduler is in place
+    if not recipe_sets_scheduler(recipe):  # else the recipe's scheduler is in place
         pipe.scheduler = sampler.build(original.config)
     refiner_scheduler = refiner.scheduler if refiner is not None else None
     if refiner is not None:
@@ -257,7 +305,9 @@ def _infotext(pipe, request: GenerateRequest, seeds: list[int], size: tuple[int,
     """Each image's parameters text: the web UI's entries, then what else changed the image -- LoRA weights,
     the preset and recipe, the device and load dtype -- so that :mod:`diffspeed.reproduce` can redo it."""
     info = getattr(pipe, "diffspeed_model", None)
-    head = {"Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale}
+    head = {"Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale,
+            **({"Eta": request.eta} if request.eta is not None and request.eta != get_sampler(request.sampler).eta
+               else {})}
     tail = {**({"Model hash": info.hash, "Model": info.name} if info else {}), **extra, **lora_parameters(pipe)}
     if preset:
         tail["Diffspeed preset"] = preset
@@ -437,16 +487,17 @@ class _Runner:
 
         return {"callback_on_step_end": step_end}
 
-    def __call__(self, target, continues: bool = False, **kwargs):
+    def __call__(self, target, continues: bool = False, more: bool = False, **kwargs):
         """Run one pass; ``continues`` marks a pass that carries on from the previous one (hires fix's second
-        pass), which optimizations may use (deepcache's ``hires_reuse``)."""
+        pass), which optimizations may use (deepcache's ``hires_reuse``); ``more``: another pass continues this one
+        (the runner's effect check waits for it)."""
         gens = self._generators()
         kwargs.update(self._callback())
         target.set_progress_bar_config(disable=self.pipe._progress_bar_config.get("disable", False))
         if self.runner is None:
             return target(**kwargs, generator=gens)
         if hasattr(self.runner, "run"):
-            out = self.runner.run(target, **kwargs, generator=gens, continues=continues)
+            out = self.runner.run(target, **kwargs, generator=gens, continues=continues, check_effect=not more)
             self.stats.update(getattr(self.runner, "stats", {}))
             self.events += getattr(self.runner, "events", [])
             return out
@@ -558,7 +609,8 @@ def _hires(pipe, request: GenerateRequest, run: _Runner, common: dict):
                              f"steps; raise denoising_strength or hires_steps", field="denoising_strength")
     _check_multiple(pipe, big)
     kind, mode = hires_upscaler(request.hires_upscaler)
-    first = run(run.pipeline("txt2img"), **common, num_inference_steps=request.steps, width=width, height=height,
+    first = run(run.pipeline("txt2img"), more=True, **common, num_inference_steps=request.steps, width=width,
+                height=height,
                 output_type="latent" if kind == "latent" else "pil",
                 **run.control_kwargs("txt2img", (width, height))).images
     if kind == "latent":

@@ -135,6 +135,9 @@ class GenerateRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=64, description="images per call, seeds seed, seed+1, ...")
     sampler: str | None = Field(None, description=f"one of: {', '.join(SAMPLERS)} (default: the recipe's sampler, "
                                 "else DPM++ 2M)")
+    eta: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                              description="the noise DDIM adds back (0 = deterministic) / TCD's gamma, 0..1 (default: "
+                              "the sampler's or the accelerator's: DDIM 0, TCD 0.3); only samplers that read it")
     # img2img / inpaint
     init_image: ImageRef = Field(None, description="img2img: the start image (path or base64)")
     mask_image: ImageRef = Field(None, validate_default=True,
@@ -186,6 +189,15 @@ class GenerateRequest(BaseModel):
     def _sampler(cls, v):
         if v is not None:
             get_sampler(v)
+        return v
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_needs_sampler(cls, v, info: ValidationInfo):
+        name = info.data.get("sampler")
+        if v is not None and name is not None and get_sampler(name).eta is None:
+            raise DiffspeedError(f"eta: the {get_sampler(name).name} sampler reads no eta (DDIM, DDIM Trailing and "
+                                 "TCD do); leave it out", field="eta")
         return v
 
     @field_validator("hires_upscaler")

@@ -17,6 +17,7 @@ from diffspeed.bench.runner import SCHEMA, Entry, bench, pareto_front
 from diffspeed.errors import DiffspeedError
 from diffspeed.optim.attention import AttentionConfig
 from diffspeed.optim.cfg_cutoff import CfgCutoffConfig
+from diffspeed.optim.vae_tiling import VaeTilingConfig
 
 PLUGIN = str(Path(__file__).with_name("plugin_planted.py"))
 THREADS = int(os.environ["DIFFSPEED_TEST_THREADS"])  # set by conftest.py for this run; workers get the same
@@ -24,7 +25,8 @@ THREADS = int(os.environ["DIFFSPEED_TEST_THREADS"])  # set by conftest.py for th
 TOP_KEYS = {"schema", "created", "command", "environment", "hardware", "settings", "fidelity_note", "noise", "entries",
             "pareto", "files"}
 ENTRY_KEYS = {"name", "kind", "source", "what", "slug", "recipe", "peer", "settings", "status", "error", "phase",
-              "images", "seconds_per_image", "stats", "derived", "events", "ratios", "fidelity", "log"}
+              "images", "seconds_per_image", "stats", "derived", "events", "ratios", "fidelity", "log", "adherence",
+              "sampling"}
 OK_KEYS = {"load_s", "setup_s", "first_call_s", "timing", "memory", "width", "height"}
 TIMING_KEYS = {"mean_s", "median_s", "min_s", "max_s", "stdev_s", "it_per_s", "n"}
 FIDELITY_KEYS = {"psnr_db", "ssim", "ms_ssim", "ms_ssim_scales", "lpips", "notes", "per_image_psnr_db"}
@@ -37,6 +39,7 @@ def run(tmp_path_factory):
                Entry("planted failure", "recipe", "test", {"optimization": [{"name": "test_fail", "at_call": 6}]}),
                Entry.of_recipe([CfgCutoffConfig(fraction=0.0)], "no guidance"),
                Entry.of_recipe([AttentionConfig(backend="xformers")], "xformers"),
+               Entry.of_recipe([VaeTilingConfig(tile_size=8192)], "tiles larger than the image"),
                Entry.of_peer(tomesd_package(0.5))]
     with pytest.MonkeyPatch.context() as mp:  # the hardware probe's cache goes here, not to the user's
         mp.setenv("DIFFSPEED_CACHE_DIR", str(out / "probe-cache"))
@@ -71,6 +74,13 @@ def test_results_json_is_strict_complete_and_matches_the_return_value(run):
     assert env["torch"] and env["diffusers"] and env["device"] == "cpu" and disk["command"] == "pytest bench"
     assert settings["model"] == "tiny-sd" and settings["width"] == 64 and len(settings["queue"]) == 2
     assert settings["isolation"] == "one process per entry"
+    assert settings["cfg"] == 3.0 and settings["cfg_source"] == "model card"  # tiny-sd's card, not the web UI's 7
+    assert settings["adherence"]  # the tiny queue's prompts are colour-check captions: every ok row is scored
+    for e in disk["entries"]:
+        assert e["sampling"]["steps"] == 3 and e["sampling"]["cfg"] == 3.0, e["name"]
+        assert (e["adherence"] is not None) == (e["status"] == "ok"), e["name"]
+        if e["adherence"]:
+            assert e["adherence"]["images"] == 2 and 0 <= e["adherence"]["background"] <= 1
     hw = disk["hardware"]  # where the numbers came from: half-precision speed differs 100x between CPUs
     assert hw["kind"] == "cpu" and hw["capability"] in ("DEFAULT", "AVX2", "AVX512") and hw["cores"] >= 1
     assert hw["torch_version"] == env["torch"] and hw["source"] in ("probe", "cache")
@@ -79,6 +89,16 @@ def test_results_json_is_strict_complete_and_matches_the_return_value(run):
     from diffspeed.bench.report import load_results
 
     assert load_results(out)["entries"] == json.loads(json.dumps(data["entries"]))  # the same, inf included
+
+
+def test_an_entry_that_did_nothing_is_shown_as_no_effect(run):
+    """The effect check in the bench: vae_tiling with tiles larger than the image applies, runs, tiles nothing."""
+    data, out = run
+    row = by_name(data)["tiles larger than the image"]
+    assert row["status"] == "ok" and row["stats"]["no_effect:vae_tiling"] >= 1
+    assert any(e.startswith("vae_tiling: no effect") for e in row["events"])
+    assert "no effect: vae_tiling" in (out / "report.md").read_text()
+    assert not any(k.startswith("no_effect:") for k in by_name(data)["no guidance"]["stats"])
 
 
 def test_same_recipe_twice_is_exact(run):

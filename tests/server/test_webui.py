@@ -379,7 +379,6 @@ def test_control_resize_problem():
     ({"subseed_strength": 0.3}, "subseed_strength"),
     ({"styles": ["cinematic"]}, "styles"),
     ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_w"),
-    ({"sampler_name": "DDIM", "eta": 1.0}, "eta"),
     ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
     ({"s_churn": 0.5}, "s_churn"),
     ({"sampler_name": "Euler a", "s_noise": 0.9}, "s_noise"),
@@ -401,6 +400,12 @@ def test_values_that_change_nothing_pass():
          s_min_uncond=0, comments={"x": 1}, do_not_save_grid=True, override_settings_restore_afterwards=False,
          override_settings={"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "samples_save": True})
     plan(sampler_name="DDIM", eta=0.0)
+
+
+def test_eta_reaches_the_samplers_that_read_it():
+    assert plan(sampler_name="DDIM", eta=1.0).request_fields["eta"] == 1.0
+    assert plan(sampler_name="TCD", eta=0.5).request_fields["eta"] == 0.5
+    assert "eta" not in plan(sampler_name="DPM++ 2M", eta=0.3).request_fields
     plan(sampler_name="DPM++ 2M", eta=0.3, s_noise=0.5)  # a deterministic sampler reads neither
 
 

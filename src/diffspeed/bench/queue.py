@@ -3,13 +3,19 @@
 ``TINY`` speaks the embedded models' language (coloured shapes); ``SEED001`` is the SDXL guide's queue
 (seed 001: portrait, interior, macro, 3D render) for real checkpoints. ``load_queue`` reads a user's own
 queue from JSON (``[{"prompt": ..., "seed": ...}, ...]``) or TOML (``[[prompt]]`` tables).
+
+``colour_check_queue(n)`` is the first ``n`` held-out prompts of the tiny models' colour check
+(:func:`diffspeed.tiny.data.held_out_scenes`, seeds ``0..n-1``), and :func:`scene_of` turns a caption back
+into its :class:`~diffspeed.tiny.data.Scene`, so the bench can score any queue of captions for prompt adherence.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from diffspeed.errors import DiffspeedError
@@ -83,3 +89,60 @@ def load_queue(spec: str) -> tuple[QueueItem, ...]:
     if not isinstance(items, list) or not items:
         raise DiffspeedError(f"queue: {path} must hold a non-empty list of prompts", field="queue")
     return tuple(_item(raw, f"{path.name} item {i}") for i, raw in enumerate(items))
+
+
+# ------------------------------------------------------------------------------ colour-check prompts and scenes
+HELD_OUT = 60  # the colour check's held-out prompts (diffspeed.tiny.data.held_out_scenes)
+
+
+def colour_check_queue(n: int = HELD_OUT) -> tuple[QueueItem, ...]:
+    """The first ``n`` held-out prompts of the colour check (never shown in training), seeds ``0..n-1``."""
+    from diffspeed.errors import check_range
+    from diffspeed.tiny.data import held_out_scenes
+
+    check_range("adherence", n, 1, HELD_OUT)
+    return tuple(QueueItem(scene.caption(), i) for i, scene in enumerate(held_out_scenes(HELD_OUT)[:n]))
+
+
+@lru_cache(maxsize=1)
+def _caption_patterns() -> tuple[re.Pattern, re.Pattern]:
+    from diffspeed.tiny.data import COLOURS, POSITIONS, SHAPES
+
+    def alt(names):  # longest first: "top left" before "top"
+        return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+    colour = alt(COLOURS)
+    shape = re.compile(rf"an? ({colour}) ({alt(SHAPES)}) at ({alt(POSITIONS)})")
+    background = re.compile(rf"an? ({colour})(?: to ({colour}) gradient)? background")
+    return shape, background
+
+
+def scene_of(prompt: str):
+    """The :class:`~diffspeed.tiny.data.Scene` whose caption ``prompt`` is exactly (the tiny models' training
+    captions: "a red circle at top left and a yellow star at center on a blue background"), else None."""
+    from diffspeed.tiny.data import Scene, Shape
+
+    shape_re, background_re = _caption_patterns()
+    things, sep, where = prompt.rpartition(" on ")
+    bg = background_re.fullmatch(where) if sep else None
+    if bg is None:
+        return None
+    shapes = []
+    for part in things.split(" and "):
+        m = shape_re.fullmatch(part)
+        if m is None:
+            return None
+        shapes.append(Shape(*m.groups()))
+    scene = Scene(tuple(shapes), tuple(c for c in bg.groups() if c))
+    return scene if scene.caption() == prompt else None  # articles and spacing exactly as the captions have them
+
+
+def scenes_of(queue) -> list | None:
+    """Each queue item's scene, or None unless every prompt is a colour-check caption (without a negative
+    prompt, which the colour check never uses)."""
+    scenes = [None if _get(item, "negative_prompt") else scene_of(_get(item, "prompt")) for item in queue]
+    return scenes if scenes and all(s is not None for s in scenes) else None
+
+
+def _get(item, key: str):
+    return item.get(key) if isinstance(item, dict) else getattr(item, key)

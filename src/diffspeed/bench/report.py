@@ -41,8 +41,15 @@ def summary_rows(data: dict) -> list[dict]:
             notes.append(f"CFG off {d['cfg_off_fraction']:.0%} of calls")
         if d.get("nan_fallbacks"):
             notes.append(f"{d['nan_fallbacks']} fp32 VAE re-decodes")
+        idle = sorted(k.split(":", 1)[1] for k, v in (r.get("stats") or {}).items() if k.startswith("no_effect:") and v)
+        if idle:  # the effect check: applied, but did nothing for these calls
+            notes.insert(0, f"no effect: {', '.join(idle)}")
         if r["status"] != "ok":
             notes.insert(0, f"{r['status']}: {r['error']}")
+        a, sampling = r.get("adherence"), r.get("sampling") or {}
+        # adherence: "-" where it cannot be measured (not colour-check prompts, random weights)
+        bg, shape = ((f"{a['background']:.0%}", f"{a['shape']:.0%}") if a else
+                     ("-", "-") if r["status"] == "ok" else ("", ""))
         out.append({"name": r["name"], "status": r["status"], "kind": r["kind"], "what": r.get("what", ""),
                     "median": _fmt(t.get("median_s"), ".3f"),
                     "range": f"{t['min_s']:.3f}-{t['max_s']:.3f}" if t else "",
@@ -51,16 +58,35 @@ def summary_rows(data: dict) -> list[dict]:
                     "peak": _fmt(m.get("peak_mb"), ".0f"),
                     "memory": _fmt(ratios.get("memory"), ".2f") + ("x" if ratios else ""),
                     "psnr": _fmt(f.get("psnr_db"), ".1f"), "ssim": _fmt(f.get("ssim"), ".3f"),
+                    "bg_acc": bg, "shape_acc": shape, "steps": _fmt(sampling.get("steps"), "d"),
+                    "cfg": _fmt(sampling.get("cfg"), "g"), "sampler": sampling.get("sampler") or "",
                     "ms_ssim": _fmt(f.get("ms_ssim"), ".3f"), "lpips": _fmt(f.get("lpips"), ".3f"),
                     "setup": _fmt(r.get("setup_s")), "first": _fmt(r.get("first_call_s")),
                     "pareto": r["name"] in data.get("pareto", []), "notes": "; ".join(notes)})
     return out
 
 
-COLUMNS = (("name", "entry"), ("median", "s/image (median)"), ("range", "min-max s"), ("it_s", "it/s"),
+COLUMNS = (("name", "entry"), ("steps", "steps"), ("cfg", "CFG"), ("sampler", "sampler"),
+           ("median", "s/image (median)"), ("range", "min-max s"), ("it_s", "it/s"),
            ("speed", "speed vs baseline"), ("peak", "peak MB"), ("memory", "memory vs baseline"),
-           ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("ms_ssim", "MS-SSIM"), ("lpips", "LPIPS"),
-           ("setup", "setup s"), ("first", "first call s"), ("notes", "notes"))
+           ("psnr", "PSNR dB"), ("ssim", "SSIM"), ("bg_acc", "background acc."), ("shape_acc", "shape acc."),
+           ("ms_ssim", "MS-SSIM"), ("lpips", "LPIPS"), ("setup", "setup s"), ("first", "first call s"),
+           ("notes", "notes"))
+FIDELITY_COLUMNS = ("psnr", "ssim", "ms_ssim", "lpips")
+SAMPLING_COLUMNS = ("steps", "cfg", "sampler")
+
+
+def columns(data: dict) -> list[tuple[str, str]]:
+    """The table's columns: no fidelity for random weights; steps / CFG / sampler only when some entry ran with
+    other ones than the baseline (an accelerator's few steps), so each row's are then shown."""
+    def sampling(r):
+        s = r.get("sampling") or {}
+        return s.get("steps"), s.get("cfg"), s.get("sampler")
+
+    base = next((r for r in data["entries"] if r.get("kind") == "baseline"), None)
+    differ = base is not None and any(sampling(r) != sampling(base) for r in data["entries"] if r.get("sampling"))
+    return [c for c in COLUMNS if not (data.get("fidelity_note") and c[0] in FIDELITY_COLUMNS)
+            and (differ or c[0] not in SAMPLING_COLUMNS)]
 
 
 def hardware_line(hw: dict) -> str:
@@ -82,8 +108,9 @@ def _header_lines(data: dict) -> list[str]:
     size = f"{s['width']}x{s['height']}" if s.get("width") else "native size"
     lines = [f"command: {data['command']}",
              f"model: {s['model']} ({s['model_kind']}); {len(s['queue'])} prompts x {s['runs']} runs after "
-             f"{s['warmup']} warm-up image(s); {s['steps']} steps, {size}, CFG {s['cfg']}, "
-             f"sampler {s['sampler'] or 'the model default'}",
+             f"{s['warmup']} warm-up image(s); {s['steps']} steps, {size}, CFG {s['cfg']:g}"
+             + (" (the model card's)" if s.get("cfg_source") == "model card" else "")
+             + f", sampler {s['sampler'] or 'the model default'}",
              f"machine: {env['device']} ({env['cpu']}, {env['cpu_count']} cores, {env['threads']} torch threads), "
              f"{env['platform']}",
              *([hardware_line(data["hardware"])] if data.get("hardware") else []),
@@ -94,13 +121,21 @@ def _header_lines(data: dict) -> list[str]:
         lines.append(f"noise: {data['noise']['note']}")
     if data.get("fidelity_note"):
         lines.append(f"fidelity: {data['fidelity_note']}")
+    lines.append(f"prompt adherence: {s['adherence']}; chance is about 1/9 (background) and 1/8 (shape)"
+                 if s.get("adherence") else "prompt adherence: not measured (\"-\"): it needs trained weights and "
+                 "colour-check prompts (the tiny queue or --adherence N)")
+    if any((r.get("sampling") or {}).get("steps") not in (None, s["steps"]) or (r.get("sampling") or {}).get("cfg")
+           not in (None, s["cfg"]) for r in data["entries"]):
+        lines.append("steps/CFG: some entries run at their own steps and CFG (an accelerator at its recommended "
+                     "ones, with its sampler): see the steps, CFG and sampler columns; the baseline runs at the "
+                     "bench's")
     notes = sorted({n for r in data["entries"] for n in ((r.get("fidelity") or {}).get("notes") or [])})
     lines += [f"note: {n}" for n in notes]
     return lines
 
 
 def markdown(data: dict, files: dict) -> str:
-    cols = [c for c in COLUMNS if not (data.get("fidelity_note") and c[0] in ("psnr", "ssim", "ms_ssim", "lpips"))]
+    cols = columns(data)
     lines = [f"# diffspeed bench: {data['settings']['model']}", ""] + [f"- {h}" for h in _header_lines(data)]
     lines += ["", "| " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * len(cols)]
     for row in summary_rows(data):
@@ -120,7 +155,7 @@ def markdown(data: dict, files: dict) -> str:
 
 
 def html_report(data: dict, files: dict) -> str:
-    cols = [c for c in COLUMNS if not (data.get("fidelity_note") and c[0] in ("psnr", "ssim", "ms_ssim", "lpips"))]
+    cols = columns(data)
     esc = html.escape
     head = "".join(f"<li>{esc(h)}</li>" for h in _header_lines(data))
     rows = []

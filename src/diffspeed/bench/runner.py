@@ -5,13 +5,19 @@ files, ``--opt`` lists, suites and peers) a fresh process loads the model, appli
 times every image of ``runs`` passes over the queue (device synchronised; CUDA events on a GPU), with setup
 and the first call (compile) timed apart, peak memory measured in that process only (peak RSS on the CPU,
 ``max_memory_allocated`` / ``max_memory_reserved`` on CUDA) and the run statistics summed. The parent then
-compares each entry's images with the baseline's (PSNR, SSIM, MS-SSIM, LPIPS where available), turns every
-figure into a ratio to this run's baseline and writes ``results.json``, ``report.md`` and ``report.html`` with
-the image grids and the speed-vs-fidelity plot (see :mod:`diffspeed.bench.report`).
+compares each entry's images with the baseline's (PSNR, SSIM, MS-SSIM, LPIPS where available), scores their
+prompt adherence when the prompts are colour-check captions (the tiny models' background and shape accuracy),
+turns every figure into a ratio to this run's baseline and writes ``results.json``, ``report.md`` and
+``report.html`` with the image grids and the speed-vs-fidelity plot (see :mod:`diffspeed.bench.report`).
+
+The baseline runs at the bench's steps and CFG (default: the shipped model card's scale); an entry with an
+``accelerator`` (a step-distilled LoRA) runs at the accelerator's recommended steps, CFG and sampler.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import json
 import math
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from diffspeed.bench.peers import Peer, deepcache_package, default_peers, tomesd_package
-from diffspeed.bench.queue import QueueItem, default_queue
+from diffspeed.bench.queue import QueueItem, default_queue, scenes_of
 from diffspeed.bench.worker import new_result
 from diffspeed.core import OptConfig, Recipe, all_optimizations
 from diffspeed.core.recipe import describe_tables
@@ -265,9 +271,72 @@ def pareto_front(rows: list[dict], fidelity: bool) -> list[str]:
             if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for _, (x2, y2) in pts)]
 
 
+def card_cfg(model: str) -> tuple[float, str]:
+    """The CFG scale the bench runs ``model`` at when none is given, and where it comes from: a shipped model's
+    card (``training.json``'s recommended scale, as ``diffspeed generate`` uses; tiny-sd: 3), read without
+    loading the pipeline; otherwise the web UI's 7."""
+    gen = importlib.import_module("diffspeed.generate")  # the module; the package's name is the function
+    loader = importlib.import_module("diffspeed.pipelines.load")
+
+    default = float(getattr(gen, "DEFAULT_CFG", 7.0))
+    if model.startswith("random:") or model not in getattr(loader, "SHIPPED", ()):
+        return default, "default"
+    if hasattr(loader, "shipped_path"):
+        folder = loader.shipped_path(model)
+    elif hasattr(loader, "models_dir"):
+        folder = Path(loader.models_dir()) / model
+    else:
+        folder = Path(loader.MODELS_DIR) / model
+    try:
+        said = "recommended_cfg" in json.loads((Path(folder) / "training.json").read_text()).get("final_check", {})
+    except (OSError, ValueError, AttributeError):
+        said = False
+    return float(gen._card_cfg(str(folder))), "model card" if said else "default"
+
+
+def with_accelerator_settings(entry: Entry) -> Entry:
+    """A recipe entry with an ``accelerator`` runs at the accelerator's recommended steps and CFG (from
+    :func:`diffspeed.optim.accelerator.recommended`; a step-distilled LoRA is made for 2-8 steps), not the
+    bench's, which the baseline keeps: ``settings["steps"]`` / ``settings["cfg"]`` / ``settings["sampler"]``,
+    unless the entry already says. Other entries come back unchanged."""
+    tables = [t for t in (entry.recipe or {}).get("optimization", []) if isinstance(t, dict)
+              and t.get("name") == "accelerator"] if entry.kind == "recipe" else []
+    if not tables:
+        return entry
+    from diffspeed.optim.accelerator import AcceleratorConfig, recommended
+
+    try:
+        rec = recommended(AcceleratorConfig(**{k: v for k, v in tables[-1].items() if k != "name"}))
+    except (DiffspeedError, TypeError, ValueError):  # a bad table: the entry is skipped with the recipe's error
+        return entry
+    extra = {"steps": rec.steps, "cfg": rec.cfg_scale, "sampler": rec.sampler}
+    return dataclasses.replace(entry, settings={**extra, **entry.settings})
+
+
+def _adherence(rows: list[dict], scenes: list | None) -> None:
+    """Each row's prompt adherence: the colour check's background and shape accuracy
+    (:func:`diffspeed.tiny.check.score_images`) of the images it saved; None where it cannot be measured."""
+    from PIL import Image
+
+    from diffspeed.tiny.check import score_images
+
+    for row in rows:
+        row["adherence"] = None
+        if scenes is None or row["status"] != "ok" or len(row.get("images", [])) != len(scenes):
+            continue
+        images = []
+        for path in row["images"]:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        score = score_images(images, scenes)
+        row["adherence"] = {"background": score.background_accuracy, "shape": score.shape_accuracy,
+                            "images": score.images}
+
+
 def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets="all", peers: bool = True,
           queue: tuple[QueueItem, ...] | None = None, prompts: int | None = None, steps: int = 20,
-          size: int | tuple[int, int] | None = None, sampler: str | None = "DPM++ 2M", cfg: float = 7.0, runs: int = 5,
+          size: int | tuple[int, int] | None = None, sampler: str | None = "DPM++ 2M", cfg: float | None = None,
+          runs: int = 5,
           warmup: int = 1, device: str | None = None, dtype: str | None = None, out: str | Path = "bench-results",
           timeout: float | None = 1800.0, plugins: list[str] = (), threads: int | None = None,
           progress: bool = True, command: str | None = None, noise_check: bool = True) -> dict:
@@ -275,6 +344,11 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
 
     ``noise_check``: measure the baseline once more at the end ("baseline again"); its speed ratio, which
     should be 1.00x, shows how far this machine's timings drift during the run (``data["noise"]``).
+
+    ``cfg``: None runs at the shipped model's recommended scale (its card; tiny-sd: 3), else 7. An entry whose
+    recipe has an ``accelerator`` runs at its recommended steps and CFG instead of ``steps`` and ``cfg`` (see
+    :func:`with_accelerator_settings`). When every prompt of the queue is a colour-check caption and the
+    weights are trained, each row also gets ``adherence``: the colour check's background and shape accuracy.
 
     Returns what ``results.json`` holds. Every entry runs in its own process (see :mod:`.worker`); one that
     fails or is skipped is recorded with its reason and the rest go on.
@@ -292,6 +366,9 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     check_range("steps", steps, 1, 1000)
     check_range("runs", runs, 1, 100)
     check_range("warmup", warmup, 0, 20)
+    cfg_source = "given"
+    if cfg is None:
+        cfg, cfg_source = card_cfg(model)
     check_range("cfg_scale", cfg, 0.0, 50.0, kind=float)
     if sampler is not None:
         from diffspeed.pipelines.samplers import get_sampler
@@ -310,6 +387,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     todo = [BASELINE] + list(entries if entries is not None else
                              preset_entries(presets, device, profile) + ([Entry.of_peer(p) for p in default_peers()]
                                                                 if peers else []))
+    todo = [with_accelerator_settings(e) for e in todo]
     if noise_check and len(todo) > 1:
         todo.append(BASELINE_AGAIN)
     out = Path(out).resolve()
@@ -344,11 +422,18 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
                 "recipe": entry.recipe, "peer": entry.peer, "settings": {k: v for k, v in entry.settings.items()
                                                                          if k != "invalid"},
                 "log": str(folder / "log.txt") if (folder / "log.txt").is_file() else None}
+        # what the entry ran (or would have run) with; the worker says which scheduler its calls really used
+        ran, own = row.get("sampling") or {}, {} if entry.kind == "peer" else entry.settings
+        row["sampling"] = {"steps": int(own.get("steps", steps)), "cfg": float(own.get("cfg", cfg)),
+                           "sampler": ran.get("sampler", own.get("sampler", sampler)),
+                           "scheduler": ran.get("scheduler")}
         rows.append(row)
         if entry is BASELINE and row["status"] == "ok" and common["width"] is None:  # the model's native size
             common |= {"width": row["width"], "height": row["height"]}
     bar.close()
     _compare(rows, not random_weights)
+    scenes = None if random_weights else scenes_of(queue)
+    _adherence(rows, scenes)
     for row in rows:  # the report folder can move: paths inside it are relative
         row["images"] = [os.path.relpath(p, out) for p in row.get("images", [])]
     data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -356,7 +441,9 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
             "environment": environment(device),
             "hardware": profile.to_dict(),
             "settings": {**{k: v for k, v in common.items() if k not in ("plugins",)}, "model_kind":
-                         "random weights" if random_weights else "trained",
+                         "random weights" if random_weights else "trained", "cfg_source": cfg_source,
+                         "adherence": (f"colour check (diffspeed.tiny.check): background and shape accuracy of "
+                                       f"each entry's {len(queue)} images" if scenes is not None else None),
                          "isolation": "one process per entry", "timing": "CUDA events" if device.startswith("cuda")
                          else "perf_counter", "memory": "max_memory_allocated / reserved" if device.startswith("cuda")
                          else "peak RSS (VmHWM) of the entry's process after loading"},

@@ -84,7 +84,8 @@ class _RecipeRunner:
     def __init__(self, pipe, recipe_dict: dict):
         from diffspeed.core import Accelerated, Recipe
 
-        self.fast = Accelerated(pipe, Recipe.from_dict(recipe_dict, source="bench entry"))
+        # strict=False: an optimization that did nothing is reported ("no effect"), not a failed entry
+        self.fast = Accelerated(pipe, Recipe.from_dict(recipe_dict, source="bench entry"), strict=False)
 
     @property
     def stats(self) -> dict:
@@ -202,13 +203,15 @@ def run_job(job: dict, emit=_emit) -> dict:
                 cuda_setup_mb = torch.cuda.max_memory_allocated() / MB
                 torch.cuda.reset_peak_memory_stats()
             queue, images = job["queue"], {}
+            steps, cfg = entry_sampling(job)
+            result["sampling"] = {"steps": steps, "cfg": cfg, **scheduler_names(pipe.scheduler)}
 
             def call(item):
                 # a list of one prompt is the same image as the plain string, and lets staged stage it
                 gen = [torch.Generator("cpu").manual_seed(item["seed"])]  # CPU noise: same on every device
                 negative = [item["negative_prompt"]] if item.get("negative_prompt") else None
-                return runner([item["prompt"]], negative_prompt=negative, num_inference_steps=job["steps"],
-                              guidance_scale=job["cfg"], width=job["width"], height=job["height"], generator=gen,
+                return runner([item["prompt"]], negative_prompt=negative, num_inference_steps=steps,
+                              guidance_scale=cfg, width=job["width"], height=job["height"], generator=gen,
                               output_type="np").images[0]
 
             phase = "warm-up"
@@ -262,8 +265,30 @@ def run_job(job: dict, emit=_emit) -> dict:
                 runner.close()
             except Exception as err:  # noqa: BLE001
                 result["events"].append(f"removing the entry failed: {type(err).__name__}: {err}")
-    _summarise(result, job["steps"])
+    _summarise(result, entry_sampling(job)[0])
     return result
+
+
+def entry_sampling(job: dict) -> tuple[int, float]:
+    """(steps, CFG scale) of this job's entry: the entry's own ``settings`` (an accelerator runs at its
+    recommended few steps) override the bench's. A peer's settings are its factory's arguments, never these."""
+    settings = {} if job["entry"].get("peer") else job["entry"].get("settings") or {}
+    steps = settings.get("steps")
+    cfg = settings.get("cfg")
+    return int(job["steps"] if steps is None else steps), float(job["cfg"] if cfg is None else cfg)
+
+
+def scheduler_names(scheduler) -> dict:
+    """The scheduler the entry's calls ran with, after the recipe applied (an accelerator sets its own): its
+    diffusers class and the diffspeed sampler name it matches (the most specific one), else the class name."""
+    from diffspeed.pipelines.samplers import SAMPLERS
+
+    cls = type(scheduler).__name__
+    config = getattr(scheduler, "config", {}) or {}
+    matches = [s for s in SAMPLERS.values()
+               if s.cls == cls and all(config.get(k) == v for k, v in s.overrides.items())]
+    best = max(matches, key=lambda s: len(s.overrides), default=None)
+    return {"sampler": best.name if best else cls, "scheduler": cls}
 
 
 def _summarise(result: dict, steps: int) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from diffspeed.core.edits import Edits
 from diffspeed.core.optimization import OptConfig, Optimization, get_optimization
 from diffspeed.core.recipe import Recipe, RecipeError
 from diffspeed.core.state import RunState
+from diffspeed.errors import DiffspeedError
 
 
 class Accelerated:
@@ -18,8 +20,9 @@ class Accelerated:
     evaluations, skipped blocks, ...). As a context manager it removes everything on exit.
     """
 
-    def __init__(self, pipe, recipe: Recipe | list[OptConfig] | tuple[OptConfig, ...]):
+    def __init__(self, pipe, recipe: Recipe | list[OptConfig] | tuple[OptConfig, ...], *, strict: bool = True):
         recipe = recipe if isinstance(recipe, Recipe) else Recipe(tuple(recipe))
+        self.strict = strict
         recipe.validate(pipe)
         self.pipe = pipe
         self.recipe = recipe
@@ -30,6 +33,7 @@ class Accelerated:
         self._own.forward_pre_hook(pipe.unet, lambda *_: self.state.begin_denoiser_call(self.state.pipeline or pipe))
         self._own.forward_hook(pipe.unet, lambda *_: self.state.end_denoiser_call())
         self.optimizations: list[Optimization] = []
+        self._chain: Counter = Counter()  # stats of this call and the passes it continues
         try:
             for config in recipe.optimizations:
                 opt = get_optimization(config.name)(config)
@@ -38,6 +42,18 @@ class Accelerated:
         except BaseException:
             self.remove()
             raise
+        # the effect check: an optimization that applied and changed nothing on this pipeline is a silent no-op,
+        # unless it says why (e.g. attention: the pipeline already runs that backend)
+        self.effects = {o.name: o.effect() for o in self.optimizations}
+        self.setup_no_effect = [(f"{o.name}: no effect: applying it changed nothing on this pipeline"
+                                 + (f" (it stood aside: {o.stood_aside})" if o.stood_aside else ""),
+                                 bool(o.stood_aside))
+                                for o in self.optimizations if not self.effects[o.name]]
+        silent = [why for why, deliberate in self.setup_no_effect if not deliberate]
+        if silent and strict:
+            self.remove()
+            raise DiffspeedError("; ".join(silent) + " (accelerate(..., strict=False) runs it anyway and notes it)",
+                                 field=silent[0].split(":")[0])
 
     @property
     def names(self) -> list[str]:
@@ -46,11 +62,13 @@ class Accelerated:
     def __call__(self, *args: Any, **kwargs: Any):
         return self.run(self.pipe, *args, **kwargs)
 
-    def run(self, target, *args: Any, continues: bool = False, **kwargs: Any):
+    def run(self, target, *args: Any, continues: bool = False, check_effect: bool = True, **kwargs: Any):
         """Call ``target`` -- this pipeline or a workflow pipeline sharing its components (img2img, inpaint,
         see :func:`diffspeed.pipelines.workflows.workflow_pipeline`) -- with the recipe in effect.
         ``continues``: this call carries on from the previous one (hires fix's second pass); optimizations see
-        it as ``state.continues`` while they reset, and may keep what the previous pass left them."""
+        it as ``state.continues`` while they reset, and may keep what the previous pass left them.
+        ``check_effect=False``: a pass that another (``continues``) will follow; the effect check judges the
+        passes together after the last."""
         if target is not self.pipe and getattr(target, "unet", None) is not self.pipe.unet:
             raise ValueError("Accelerated.run: the target pipeline must share this pipeline's UNet")
         self.state.reset()
@@ -67,7 +85,24 @@ class Accelerated:
             self._end_call(raise_errors=False)  # caller gets the call's own exception, not a cleanup's
             raise
         self._end_call(raise_errors=True)
+        self._chain = (self._chain if continues else Counter()) + Counter(self.stats)
+        if check_effect:
+            self._check_effect()
         return out
+
+    def _check_effect(self) -> None:
+        """Note (``stats["no_effect:NAME"]`` and an event) each optimization that did nothing for this call
+        (with the passes before it that it continues); strict, raise for those that did so silently -- not for
+        one that stands aside on such calls by design or said why."""
+        found = list(self.setup_no_effect)
+        found += [hit for o in self.optimizations if (hit := o.call_no_effect(self._chain)) is not None]
+        silent = [why for why, deliberate in found if not deliberate]
+        if silent and self.strict:
+            raise DiffspeedError("; ".join(silent) + " (accelerate(..., strict=False) notes it instead)",
+                                 field=silent[0].split(":")[0])
+        for why, _ in found:
+            self.stats[f"no_effect:{why.split(':')[0]}"] = 1
+            self.events.append(why)
 
     def _end_call(self, raise_errors: bool) -> None:
         errors = []
@@ -108,10 +143,14 @@ class Accelerated:
         return getattr(self.__dict__["pipe"], name)
 
 
-def accelerate(pipe, recipe) -> Accelerated:
-    """Apply ``recipe`` (a :class:`Recipe`, a list of configs, or a path to a TOML/JSON file) to ``pipe``."""
+def accelerate(pipe, recipe, *, strict: bool = True) -> Accelerated:
+    """Apply ``recipe`` (a :class:`Recipe`, a list of configs, or a path to a TOML/JSON file) to ``pipe``.
+
+    ``strict``: an optimization that applies but changes nothing on this pipeline, or does nothing for a call
+    (its ``call_effect`` stats stay 0: a cache never hit, no token merged), raises; with ``strict=False`` it is
+    noted in the call's ``stats`` (``no_effect:NAME``) and ``events`` instead."""
     from pathlib import Path
 
     if isinstance(recipe, (str, Path)):
         recipe = Recipe.load(recipe)
-    return Accelerated(pipe, recipe)
+    return Accelerated(pipe, recipe, strict=strict)

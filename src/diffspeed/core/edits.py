@@ -13,6 +13,7 @@ call aborted between a pre-hook and its post-hook leaves no stale entry for the 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ class Edits:
         self.owner = owner
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._call_end: list[Callable[[], None]] = []  # per-call bookkeeping to clear when a call ends
+        # what the edits changed, by kind ("attributes set", "methods wrapped", "hooks", "attention processors
+        # swapped", "tensors changed"): the effect an optimization reports (values that were already so, and
+        # tensors a cast left alone, are not counted)
+        self.counts: Counter = Counter()
 
     def __len__(self) -> int:
         return len(self._undo)
@@ -69,6 +74,8 @@ class Edits:
         own = name in getattr(obj, "__dict__", {}) or _is_submodule_slot(obj, name)
         old = getattr(obj, name, _MISSING)
         setattr(obj, name, value)
+        if not _same(old, value):
+            self.counts["attributes set"] += 1
 
         def undo():
             if own:
@@ -97,6 +104,8 @@ class Edits:
 
         self.set_attr(obj, name, wrapped)
         set_undo = self._undo.pop()[1]
+        self.counts["attributes set"] -= 1
+        self.counts["methods wrapped"] += 1
 
         def undo():
             if getattr(obj, name) is not wrapped:
@@ -109,10 +118,12 @@ class Edits:
 
     def forward_pre_hook(self, module: torch.nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
         handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        self.counts["hooks"] += 1
         self.record(f"pre-hook on {type(module).__name__}", handle.remove)
 
     def forward_hook(self, module: torch.nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
         handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self.counts["hooks"] += 1
         self.record(f"hook on {type(module).__name__}", handle.remove)
 
     def around(self, module: torch.nn.Module, before: Callable) -> None:
@@ -144,6 +155,8 @@ class Edits:
         """Swap a diffusers model's attention processors; undo puts the very same objects back."""
         old = dict(model.attn_processors)
         model.set_attn_processor(processors)
+        self.counts["attention processors swapped"] += sum(
+            p is not old.get(k) and type(p) is not type(old.get(k)) for k, p in model.attn_processors.items())
         self.record(f"attention processors of {type(model).__name__}", lambda: model.set_attn_processor(old))
 
     def retensor(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *,
@@ -171,7 +184,31 @@ class Edits:
             _restore(saved, spill)
             raise
 
+        self.counts["tensors changed"] += len(saved)
         self.record(f"tensors of {type(module).__name__}" + (f" (originals in {spill})" if spill else ""),
+                    lambda: _restore(saved, spill))
+
+
+    def set_tensors(self, changes, *, spill_dir: str | Path | None = None) -> None:
+        """Give each parameter or buffer of ``changes`` ((tensor, new value) pairs) its new value, keeping the
+        originals as :meth:`retensor` does (in host memory, or with ``spill_dir`` in files there; ``True``: the
+        system temp folder), so undo restores them exactly."""
+        spill = make_spill_dir(None if spill_dir is True else spill_dir) if spill_dir else None
+        saved = []
+        try:
+            for t, new in changes:
+                device = t.data.device
+                original = t.data.to("cpu")
+                if spill is not None:
+                    torch.save(original, spill / f"{len(saved)}.pt")
+                    original = None
+                saved.append((t, original, device))
+                t.data = new.to(device)
+        except BaseException:
+            _restore(saved, spill)
+            raise
+        self.counts["tensors changed"] += len(saved)
+        self.record(f"{len(saved)} tensors" + (f" (originals in {spill})" if spill else ""),
                     lambda: _restore(saved, spill))
 
 

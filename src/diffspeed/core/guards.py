@@ -33,6 +33,7 @@ def caching_allowed(state: RunState, name: str, min_steps: int, force: bool) -> 
     note = f"{name}: {reason}; not caching (force=true to cache anyway)"
     if note not in state.events:
         state.events.append(note)
+    state.stats[f"stood_aside:{name}"] = 1  # the effect check: doing nothing here is deliberate and said
     return False
 
 

@@ -100,6 +100,14 @@ class Optimization:
     no_effect: ClassVar[dict[str, str]] = {}
     last: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
+    # stats keys (see RunState.stats) of which at least one must be > 0 after a call, or the optimization did nothing
+    # for that call (a cache never hit, no token merged): the effect check (Accelerated, strict) reports it
+    call_effect: ClassVar[tuple[str, ...]] = ()
+    # why it does nothing on some calls by design (an image smaller than a tile, a call without guidance): such a
+    # call is noted ("no effect", with this reason) but never raises; "" = a call it did nothing for is a silent
+    # no-op. A call can also say so at run time: ``state.stats["stood_aside:NAME"] = 1`` with an event (the
+    # caching optimizations' few-step guard)
+    stands_aside: ClassVar[str] = ""
     noop: ClassVar[dict] = {}  # config fields that make it change nothing (contract tests use it)
     example: ClassVar[dict] = {}  # an active config for tests and documentation
 
@@ -114,6 +122,7 @@ class Optimization:
         self.config = config
         self._edits: Edits | None = None
         self._per_call: Edits | None = None
+        self.stood_aside = ""  # set by _apply when changing nothing here is deliberate (it says why)
         self.pipe = None
         self.state: RunState | None = None
 
@@ -152,6 +161,28 @@ class Optimization:
         self._edits = self._per_call = None
         self.reset()
         self.pipe = self.state = None
+
+    def effect(self) -> dict[str, int]:
+        """What applying changed on this pipeline, by kind (attributes set, methods wrapped, hooks, attention
+        processors swapped, tensors changed), plus what the optimization reports itself (``self.changes``,
+        e.g. call defaults); empty when it changed nothing."""
+        if self._edits is None:
+            return {}
+        counts = dict(self._edits.counts) | dict(getattr(self, "changes", {}) or {})
+        return {k: v for k, v in counts.items() if v > 0}
+
+    def call_no_effect(self, stats) -> tuple[str, bool] | None:
+        """(why, deliberate) when the last call ran without this optimization doing anything (its
+        ``call_effect`` stats all zero); None when it acted, or when it declares no per-call stats.
+        ``deliberate``: it stands aside on such calls by design (``stands_aside``) or said so at run time."""
+        if not self.call_effect or any(stats.get(k, 0) > 0 for k in self.call_effect):
+            return None
+        why = f"{self.name}: no effect on this call ({' and '.join(self.call_effect)} stayed 0"
+        if stats.get(f"stood_aside:{self.name}", 0):
+            return why + "; it stood aside, see its note)", True
+        if self.stands_aside:
+            return why + f"; by design: {self.stands_aside})", True
+        return why + ")", False
 
     @property
     def call_edits(self) -> Edits:

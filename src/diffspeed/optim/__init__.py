@@ -1,6 +1,7 @@
 """Every optimization, one file each; importing this package registers them all under their names."""
 
 from diffspeed.optim import (  # noqa: F401
+    accelerator,
     attention,
     cfg_cutoff,
     channels_last,

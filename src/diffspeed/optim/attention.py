@@ -79,6 +79,8 @@ class Attention(Optimization):
         for model in models:
             if model.attn_processors:
                 edits.set_attn_processors(model, _processors(model, self.config))
+        if not edits.counts["attention processors swapped"]:
+            self.stood_aside = f"the pipeline already runs the {self.config.backend} attention processors"
         if self.config.sdpa_kernel:
             backend = getattr(torch.nn.attention.SDPBackend, _KERNELS[self.config.sdpa_kernel])
 

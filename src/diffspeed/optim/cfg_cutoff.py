@@ -35,6 +35,7 @@ def _second_half(x, n: int):
 @register
 class CfgCutoff(Optimization):
     Config = CfgCutoffConfig
+    call_effect = ('cfg_skipped_calls',)
     summary = "stop classifier-free guidance after a fraction of the steps (halves late UNet batches)"
     noop = {"fraction": 1.0}
     example = {"fraction": 0.5}
@@ -49,6 +50,8 @@ class CfgCutoff(Optimization):
 
     def _forward(self, inner, sample, *args, **kwargs):
         state = self.state
+        if state.step == 0 and (not state.cfg or self.cutoff(state) >= state.total_steps):
+            state.stats["stood_aside:cfg_cutoff"] = 1  # no guidance to cut, or the cut-off lies past the last step
         if not state.cfg or state.step < self.cutoff(state):
             return inner(sample, *args, **kwargs)
         state.cfg = False

@@ -240,6 +240,7 @@ class _RunCache:
 @register
 class DeepCache(Optimization):
     Config = DeepCacheConfig
+    call_effect = ('deepcache_cached_calls',)
     summary = "DeepCache: reuse deep UNet features between full passes (~2x at interval 3, small quality cost)"
     stateful = True
     noop = {"interval": 1}

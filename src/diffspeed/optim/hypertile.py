@@ -65,6 +65,8 @@ def merge(x: torch.Tensor, h: int, w: int, nh: int, nw: int) -> torch.Tensor:
 @register
 class HyperTile(Optimization):
     Config = HyperTileConfig
+    call_effect = ('hypertile_tiled_calls',)
+    stands_aside = 'a latent no larger than its tile size runs untiled'
     summary = "HyperTile: self-attention within random tiles of the latent grid (big images, little cost)"
     stateful = True
     noop = {"tile_size": 4096}

@@ -28,6 +28,7 @@ class Sampler(Optimization):
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         if self.config.sampler is not None:
             edits.set_attr(pipe, "scheduler", get_sampler(self.config.sampler).build(pipe.scheduler.config))
+        self.changes = {"call defaults": int(self.config.steps is not None)}
 
     def wrap_call(self, call):
         steps = self.config.steps

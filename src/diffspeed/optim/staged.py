@@ -190,6 +190,8 @@ class Staged(Optimization):
         "inpaint": "it stages the text-to-image pipeline only; inpainting runs unstaged",
         "controlnet": "it stages the text-to-image pipeline only; the ControlNet pipeline runs unstaged",
     }
+    call_effect = ("staged_chunks",)
+    stands_aside = 'a single prompt, or a pipeline it does not stage, runs unstaged (with a note)'
     noop = None  # every setting restructures the call (the images stay the same: see tests/optim/test_staged.py)
     example = {"batch_size": 2}
 
@@ -203,7 +205,7 @@ class Staged(Optimization):
         return problems
 
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
-        pass  # nothing changes until a call with a list of prompts goes through wrap_call
+        self.changes = {"call wrapped": 1}  # nothing changes until a call with a list of prompts goes through it
 
     def wrap_call(self, call):
         def staged_call(*args, **kwargs):

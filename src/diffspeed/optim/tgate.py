@@ -35,6 +35,7 @@ class TgateConfig(CachingConfig):
 @register
 class Tgate(Optimization):
     Config = TgateConfig
+    call_effect = ('tgate_cached_calls',)
     summary = "T-GATE: cache cross-attention output after a gate step (text stops mattering late)"
     stateful = True
     noop = {"gate_fraction": 1.0}

@@ -45,6 +45,7 @@ class TomeConfig(OptConfig):
 @register
 class Tome(Optimization):
     Config = TomeConfig
+    call_effect = ('tome_merged_tokens',)
     summary = "ToMe: merge redundant tokens before attention (faster big images, mild softening)"
     stateful = True
     noop = {"ratio": 0.0}

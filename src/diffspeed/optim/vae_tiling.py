@@ -28,6 +28,8 @@ class VaeTilingConfig(OptConfig):
 class VaeTiling(Optimization):
     Config = VaeTilingConfig
     summary = "tiled VAE encode/decode for large images (memory bounded by the tile)"
+    call_effect = ("vae_tiled_decodes", "vae_tiled_encodes")  # an image no larger than one tile is not tiled
+    stands_aside = 'an image no larger than one tile is encoded and decoded untiled'
     noop = {"tile_size": 8192}
     example = {"tile_size": 32, "overlap": 0.25}
 
@@ -38,3 +40,13 @@ class VaeTiling(Optimization):
         edits.set_attr(vae, "tile_sample_min_size", c.tile_size)
         edits.set_attr(vae, "tile_latent_min_size", c.tile_size // scale)
         edits.set_attr(vae, "tile_overlap_factor", c.overlap)
+        for method, key in (("tiled_decode", "vae_tiled_decodes"), ("_tiled_encode", "vae_tiled_encodes")):
+            if hasattr(vae, method):  # diffusers' own switch decides; count the calls that did tile
+                edits.wrap_method(vae, method, self._counting(key))
+
+    def _counting(self, key: str):
+        def counted(inner, *args, **kwargs):
+            self.state.stats[key] += 1
+            return inner(*args, **kwargs)
+
+        return counted

@@ -120,7 +120,7 @@ class _CaptureWarnings(logging.Handler):
         self.logger.removeHandler(self)
 
 
-SHIPPED_LORAS = ("tiny-sd-lora-monochrome",)
+SHIPPED_LORAS = ("tiny-sd-lora-monochrome", "tiny-sd-lcm-lora")
 
 # peft's warning (several KB: it lists every module) when the target-module *names* diffusers derives from a LoRA
 # (to_k, conv1, ...) also match modules the LoRA has no weights for, e.g. attn1.to_k when it only trained attn2.
@@ -133,13 +133,13 @@ _PEFT_EXTRA_TARGETS = (r"While injecting the PEFT adapters, an inconsistency .* 
 
 def resolve_lora_path(source: str | Path) -> Path:
     """The .safetensors file of a LoRA given as a file, a folder holding one, or a shipped name."""
-    from diffspeed.pipelines.load import MODELS_DIR
+    from diffspeed.pipelines.load import shipped_path
 
     if str(source) in SHIPPED_LORAS:
-        if not (MODELS_DIR / str(source)).is_dir():
-            raise DiffspeedError(f"lora: {source} is not shipped in this install (it comes from "
-                                 "tools/train_tiny_lora.py)", field="lora")
-        source = MODELS_DIR / str(source)
+        if not shipped_path(str(source), field="lora").is_dir():
+            raise DiffspeedError(f"lora: {source} is not shipped in this install (the shipped models "
+                                 "come from tools/train_tiny_*.py)", field="lora")
+        source = shipped_path(str(source), field="lora")
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))

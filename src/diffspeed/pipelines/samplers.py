@@ -20,6 +20,8 @@ class Sampler:
     cls: str  # diffusers scheduler class name
     overrides: dict = field(default_factory=dict)
     needs: str | None = None  # optional import this sampler requires
+    eta: float | None = None  # the call's ``eta`` this sampler reads (DDIM's noise, TCD's gamma) and its default;
+    #                           None: the sampler has no eta
 
     def build(self, base_config):
         """A new scheduler of this kind that keeps ``base_config``'s training schedule (betas, timesteps)."""
@@ -34,7 +36,7 @@ class Sampler:
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     # the web UI's DDIM clips nothing; a config without the key would default to clipping x0 to [-1, 1] in latents
-    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}),
+    Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}, eta=0.0),
     Sampler("PNDM", "PNDMScheduler", {"skip_prk_steps": True}),
     Sampler("LMS", "LMSDiscreteScheduler", needs="scipy"),
     Sampler("LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}, needs="scipy"),
@@ -48,6 +50,14 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     Sampler("DPM++ SDE Karras", "DPMSolverSDEScheduler", {"use_karras_sigmas": True}, needs="torchsde"),
     Sampler("UniPC", "UniPCMultistepScheduler"),
+    # few-step samplers for step-distilled models (diffspeed.optim.accelerator): LCM-LoRA's consistency sampler,
+    # TCD's strategic stochastic sampler (its gamma is the call's ``eta``, 0.3 by default), and the "trailing"
+    # timestep spacing that SDXL-Lightning (Euler), Hyper-SD and PCM (DDIM) were distilled for -- the web UI's
+    # "SGM Uniform" schedule type: the last timestep is 999, so the first step starts from pure noise
+    Sampler("LCM", "LCMScheduler"),
+    Sampler("TCD", "TCDScheduler", eta=0.3),
+    Sampler("Euler Trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    Sampler("DDIM Trailing", "DDIMScheduler", {"clip_sample": False, "timestep_spacing": "trailing"}, eta=0.0),
 )}
 
 

@@ -82,7 +82,8 @@ class _ProcessingRequest(_WebUIModel):
     tiling: bool | None = _f(None, "seamless tiling: not supported, must be false")
     do_not_save_samples: bool = _f(False, "set by the server from save_images")
     do_not_save_grid: bool = _f(False, "set by the server from save_images")
-    eta: float | None = _f(None, "noise multiplier of ancestral/SDE samplers (1) and DDIM (0); only the default")
+    eta: float | None = _f(None, "DDIM's noise (default 0) and TCD's gamma (0.3), honoured; ancestral/SDE "
+                           "samplers run with 1 only")
     denoising_strength: float | None = _f(0.75, "how much to change the init image / the hires pass, 0..1")
     s_min_uncond: float | None = _f(None, "negative guidance minimum sigma: not supported, must be 0")
     s_churn: float | None = _f(None, "k-diffusion churn: not supported, must be 0")
@@ -235,6 +236,8 @@ def plan_request(api: Txt2ImgRequest | Img2ImgRequest, *, default_sampler: str |
               "batch_size": api.batch_size * api.n_iter}
     if sampler is not None:
         fields["sampler"] = sampler
+        if api.eta is not None and SAMPLERS[sampler].eta is not None:  # DDIM's noise, TCD's gamma: honoured
+            fields["eta"] = api.eta
     _refuse_unsupported(api, sampler, (width, height), problems)
     model = _model(api.override_settings or {}, problems)
     scripts = {str(k).lower(): (str(k), v) for k, v in (api.alwayson_scripts or {}).items()}
@@ -406,8 +409,8 @@ def _refuse_unsupported(api, sampler: str | None, size: tuple[int, int], problem
     if api.tiling:
         refuse("tiling", "diffspeed does not draw seamless tiles; send false")
     stochastic = sampler in STOCHASTIC_SAMPLERS
-    if api.eta is not None and (stochastic and api.eta != 1 or sampler == "DDIM" and api.eta != 0):
-        refuse("eta", f"{sampler} runs with eta {1 if stochastic else 0} only; send that or leave eta out")
+    if api.eta is not None and stochastic and api.eta != 1:
+        refuse("eta", f"{sampler} runs with eta 1 only; send that or leave eta out")
     if api.s_min_uncond not in (None, 0):
         refuse("s_min_uncond", "diffspeed does not skip the negative prompt by sigma; send 0")
     if api.s_churn not in (None, 0):
