@@ -21,7 +21,8 @@ from diffspeed.metrics import foreground, mask_iou, saturation, ssim
 from diffspeed.tiny.data import COLOURS, POSITIONS, SIZE, Scene
 
 __all__ = ["foreground", "mask_iou", "saturation", "ssim", "nearest_colour", "score_image",
-           "score_images", "run_colour_check", "CheckResult", "ImageScore", "SHAPE_FRACTION"]
+           "score_images", "run_colour_check", "CheckResult", "ImageScore", "SHAPE_FRACTION", "few_step_check",
+           "SettingResult"]
 SHAPE_FRACTION = 0.4
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
@@ -110,3 +111,76 @@ def run_colour_check(pipe, scenes: list[Scene], *, steps: int = 25, guidance_sca
                    generator=gens, output_type="pil")
         images.extend(out.images)
     return score_images(images, scenes)
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    """One setting of :func:`few_step_check`: adherence and end-to-end seconds per image."""
+
+    name: str
+    sampler: str
+    steps: int
+    cfg_scale: float
+    background_accuracy: float
+    shape_accuracy: float
+    seconds_per_image: float
+    denoiser_calls_per_image: float
+
+
+def few_step_check(model: str = "tiny-sd", settings: dict | None = None, *, prompts: int = 60, seed: int = 0,
+                   rounds: int = 1) -> list[SettingResult]:
+    """The colour check of a few-step accelerator against the model's recommended setting, in one process.
+
+    ``settings``: name -> (recipe configs, GenerateRequest fields); default: tiny-sd at its recommended 20
+    DPM++ 2M steps (the card's CFG), the shipped LCM-LoRA at its 4 LCM steps, the same with the tiny VAE, and
+    two controls without the LoRA (LCM sampler 4 steps; DPM++ 2M 4 steps). Every image is made with
+    :func:`diffspeed.generate` (text encoding, denoising, VAE decode, PNG infotext: end to end) at batch size 1,
+    prompt ``i`` with seed ``seed + i``; the seconds are the median over ``rounds`` passes of each setting's
+    mean, the settings interleaved pass by pass so that machine drift hits them alike.
+    """
+    import statistics
+    import time
+
+    import diffspeed
+    from diffspeed.core import Accelerated
+    from diffspeed.generate import GenerateRequest, generate
+    from diffspeed.optim.accelerator import AcceleratorConfig
+    from diffspeed.optim.tiny_vae import TinyVaeConfig
+    from diffspeed.tiny.data import held_out_scenes
+
+    if settings is None:
+        settings = {
+            "tiny-sd, recommended (DPM++ 2M, 20 steps)": ((), {}),
+            "lcm accelerator (4 steps)": ((AcceleratorConfig(method="lcm"),), {}),
+            "lcm accelerator + tiny_vae": ((AcceleratorConfig(method="lcm"), TinyVaeConfig()), {}),
+            "control: LCM sampler, no LoRA (4 steps, CFG 1)": ((), {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}),
+            "control: DPM++ 2M, 4 steps": ((), {"steps": 4}),
+        }
+    scenes = held_out_scenes()[:prompts]
+    pipe = diffspeed.load(model)
+    pipe.set_progress_bar_config(disable=True)
+    times: dict[str, list[float]] = {n: [] for n in settings}
+    images: dict[str, list] = {}
+    used: dict[str, tuple] = {}
+    for _ in range(rounds):
+        for name, (configs, fields) in settings.items():
+            fast = Accelerated(pipe, list(configs))  # with no configs it only counts the denoiser calls
+            try:
+                out, calls, t0 = [], 0, time.perf_counter()
+                for i, scene in enumerate(scenes):
+                    r = generate(pipe, GenerateRequest(prompt=scene.caption(), seed=seed + i, **fields),
+                                 runner=fast, progress=False)
+                    out.append(r.images[0])
+                    calls += r.stats.get("denoiser_calls", 0)
+                times[name].append((time.perf_counter() - t0) / len(scenes))
+                images[name] = out
+                used[name] = (r.request.sampler, r.request.steps, r.request.cfg_scale, calls / len(scenes))
+            finally:
+                fast.remove()
+    results = []
+    for name in settings:
+        check = score_images(images[name], scenes)
+        sampler, steps, cfg, calls = used[name]
+        results.append(SettingResult(name, sampler, steps, cfg, check.background_accuracy, check.shape_accuracy,
+                                     statistics.median(times[name]), calls))
+    return results
