@@ -59,7 +59,8 @@ def test_results_json_is_strict_complete_and_matches_the_return_value(run):
     disk = json.loads((out / "results.json").read_text(), parse_constant=refuse)
     assert set(disk) == TOP_KEYS and disk["schema"] == SCHEMA == "diffspeed.bench/1"
     assert [e["name"] for e in disk["entries"]] == ["baseline", "planted slow", "planted failure", "no guidance",
-                                                     "xformers", "tomesd ratio 0.5", "baseline again"]
+                                                     "xformers", "tiles larger than the image", "tomesd ratio 0.5",
+                                                     "baseline again"]
     assert disk["noise"]["baseline_again_speed"] == disk["entries"][-1]["ratios"]["speed"] > 0
     for e in disk["entries"]:
         assert ENTRY_KEYS <= set(e), e["name"]

@@ -71,7 +71,7 @@ def test_without_the_models_package_each_shipped_name_is_a_one_line_error(no_mod
     _one_line_install_error(err.value, "controlnet")
     with pytest.raises(DiffspeedError) as err:
         refiner_dir("tiny-sdxl-refiner")
-    _one_line_install_error(err.value, "model")
+    _one_line_install_error(err.value, "refiner")
     for lookup in (models_dir, lambda: load_mod.MODELS_DIR):
         with pytest.raises(DiffspeedError) as err:
             lookup()
