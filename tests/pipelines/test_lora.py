@@ -220,3 +220,29 @@ def test_shipped_lora_name_is_a_clear_error_when_missing(monkeypatch, tmp_path):
     with pytest.raises(DiffspeedError, match="tiny-sd-lora-monochrome is not shipped") as err:
         resolve_lora_path("tiny-sd-lora-monochrome")
     assert err.value.field == "lora"
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the monochrome LoRA is trained by tools/train_tiny_lora.py")
+def test_a_file_mixing_two_key_layouts_loads_every_layer(pipe):
+    """The shipped file keeps its attention layers in diffusers' older ``lora.down/lora.up`` keys and the rest in
+    peft's ``lora_A/lora_B``; diffusers picks one layout from the first key and skipped the others silently.
+    Every layer must load: fused, each weight is the one the accelerator's independent merge gives."""
+    from safetensors.torch import load_file
+
+    from diffspeed.core import Accelerated
+    from diffspeed.optim.accelerator import AcceleratorConfig
+
+    keys = list(load_file(SHIPPED))
+    assert any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys)  # the mixed file
+    with Accelerated(pipe, [AcceleratorConfig(lora=str(SHIPPED))]):
+        merged = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    load_lora(pipe, "tiny-sd-lora-monochrome")
+    fuse_loras(pipe)
+    try:
+        fused = {k.replace(".base_layer", ""): v.clone() for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    finally:
+        unload_loras(pipe)
+    changed = [k for k in base if not torch.equal(fused[k], base[k])]
+    assert len(changed) == len(keys) // 2 == 166  # every (down, up) pair changed its layer
+    assert all(torch.allclose(fused[k], merged[k], atol=1e-6) for k in changed)

@@ -86,6 +86,15 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise DiffspeedError(f"lora: cannot read {path}: {err}", field="lora") from err
 
 
+def _one_layout(sd: dict) -> dict:
+    """A diffusers-prefixed LoRA whose keys mix peft's ``lora_A/lora_B`` with the older ``lora.down/lora.up``
+    (what diffusers' own ``convert_state_dict_to_diffusers`` wrote for attention layers) in peft's layout only:
+    diffusers decides the layout from the first key, and silently skips the layers written the other way."""
+    if not any(".lora_A." in k for k in sd) or not any(".lora.down." in k or ".lora.up." in k for k in sd):
+        return sd
+    return {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in sd.items()}
+
+
 def _mismatched_keys(messages: list[str], adapter: str) -> list[str]:
     """The LoRA keys of ``adapter`` that diffusers reported as unexpected or missing. (Its own filter for
     missing keys tests ``adapter in key`` as a substring, so an adapter named "b" matches "down_blocks".)"""
@@ -170,7 +179,7 @@ def load_lora(pipe, source: str | Path, *, weight: float = 1.0, name: str | None
         # (set_loras switches and weighs them), so that is the intended state, not a mistake
         warnings.filterwarnings("ignore", r"Already found a `peft_config` attribute in the model", UserWarning)
         try:
-            pipe.load_lora_weights(_read(path), adapter_name=name)
+            pipe.load_lora_weights(_one_layout(_read(path)), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as err:
             raise DiffspeedError(f"lora: {path.name} does not fit this model ({type(err).__name__}: "
                                  f"{str(err).splitlines()[0][:200]})", field="lora") from err
