@@ -110,14 +110,7 @@ def check_generate_args(args) -> None:
 
     check_device(args.device)
     check_out_dir(args.out, "out")
-    accelerator, lora = getattr(args, "accelerator", None), getattr(args, "accelerator_lora", None)  # not on batch
-    if lora is not None and accelerator is None:
-        raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
-                             field="accelerator-lora")
-    if accelerator is not None:
-        from diffspeed.optim.accelerator import parse_accelerator
-
-        parse_accelerator(accelerator, lora)
+    accelerator_entries([args.accelerator] if args.accelerator else [], args.accelerator_lora)
 
 
 def check_out_dir(path: str, field: str) -> None:
@@ -200,12 +193,8 @@ def cmd_generate(args) -> int:
     # only a preset depends on the device (its hardware class): finding out whether CUDA is there needs torch,
     # which a recipe file's or an --opt's validation does not
     device = str(resolve_device(args.device)) if args.preset else (args.device or "cpu")
-    accelerator = None
-    if args.accelerator is not None:
-        from diffspeed.optim.accelerator import parse_accelerator
-
-        accelerator = parse_accelerator(args.accelerator, args.accelerator_lora)
-    recipe = build_recipe(args.recipe, args.opt, args.preset, device, accelerator)
+    accelerator = accelerator_entries([args.accelerator] if args.accelerator else [], args.accelerator_lora)
+    recipe = build_recipe(args.recipe, args.opt, args.preset, device, accelerator[0] if accelerator else None)
     resolve_sampling(request, recipe)  # a request/recipe sampler conflict fails before any model loads
     pipe = diffspeed.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                           config_dir=args.config_dir)
@@ -309,15 +298,15 @@ def check_bench_args(args) -> None:
         if args.queue:
             raise DiffspeedError("adherence: --adherence N is the queue (N held-out colour-check prompts); give it "
                                  "or --queue, not both", field="adherence")
-    bench_accelerators(args)
+    accelerator_entries(args.accelerator, args.accelerator_lora)
 
 
-def bench_accelerators(args) -> list[dict]:
-    """The recipe entries of ``--accelerator`` (each with ``--accelerator-lora``), validated without torch."""
-    if args.accelerator_lora is not None and not args.accelerator:
+def accelerator_entries(specs: list[str], lora: str | None) -> list[dict]:
+    """The recipe entries of ``--accelerator`` specs (each with ``--accelerator-lora``), validated without torch
+    (generate takes one, bench several)."""
+    if lora is not None and not specs:
         raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
                              field="accelerator-lora")
-    lora = args.accelerator_lora
     if lora is not None:
         from diffspeed.pipelines.lora import resolve_lora_path
 
@@ -329,7 +318,7 @@ def bench_accelerators(args) -> list[dict]:
         lora = str(path.resolve()) if Path(lora).expanduser().exists() else lora  # the workers' cwd may differ
     from diffspeed.optim.accelerator import parse_accelerator
 
-    return [parse_accelerator(spec, lora, field="accelerator") for spec in args.accelerator]
+    return [parse_accelerator(spec, lora, field="accelerator") for spec in specs]
 
 
 def bench_entries(args, device: str, size: int | None):
@@ -346,7 +335,7 @@ def bench_entries(args, device: str, size: int | None):
         entries.append(Entry.of_recipe(recipe, " + ".join(args.opt), "--opt"))
     for suite in args.suite:
         entries += SUITES[suite](size or 64)
-    for spec, table in zip(args.accelerator, bench_accelerators(args)):
+    for spec, table in zip(args.accelerator, accelerator_entries(args.accelerator, args.accelerator_lora)):
         name = f"accelerator {spec.strip().lower()}"  # its steps / CFG: bench's with_accelerator_settings
         entries.append(Entry(name, "recipe", "--accelerator", {"optimization": [table]}))
     if args.peers or (args.peers is None and not chose):
@@ -700,14 +689,6 @@ def check_batch_args(args) -> None:
 
     check_device(args.device)
     check_out_dir(args.out, "out")
-    accelerator, lora = getattr(args, "accelerator", None), getattr(args, "accelerator_lora", None)  # not on batch
-    if lora is not None and accelerator is None:
-        raise DiffspeedError("accelerator-lora: give --accelerator NAME to say which method the file is for",
-                             field="accelerator-lora")
-    if accelerator is not None:
-        from diffspeed.optim.accelerator import parse_accelerator
-
-        parse_accelerator(accelerator, lora)
     if args.workers > 1 and not args.ray:
         raise DiffspeedError(f"workers: {args.workers} workers need --ray; without it the chunks run in this "
                              f"process, one at a time", field="workers")

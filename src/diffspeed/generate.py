@@ -22,7 +22,7 @@ from diffspeed._io import write_beside
 from diffspeed._lazy import lazy_import
 from diffspeed.errors import DiffspeedError, DiffspeedRuntimeError
 from diffspeed.pipelines.lora import lora_parameters
-from diffspeed.pipelines.samplers import get_sampler
+from diffspeed.pipelines.samplers import check_eta, get_sampler
 from diffspeed.pipelines.workflows import (
     canonical_upscaler,
     fit_size,
@@ -114,11 +114,8 @@ def resolve_sampling(request: GenerateRequest, recipe=None, pipe=None) -> Sampli
         steps = _pick("steps", request.steps, getattr(config, "steps", None), DEFAULT_STEPS)
         cfg = request.cfg_scale if request.cfg_scale is not None else default_cfg(pipe)
         eta = request.eta
-    own_eta = get_sampler(sampler).eta
-    if eta is not None and own_eta is None:
-        raise DiffspeedError(f"eta: the {sampler} sampler reads no eta (DDIM, DDIM Trailing and TCD do); leave it "
-                             "out", field="eta")
-    return Sampling(sampler, steps, float(cfg), eta if eta is not None else own_eta)
+    check_eta(sampler, eta)
+    return Sampling(sampler, steps, float(cfg), eta if eta is not None else get_sampler(sampler).eta)
 
 
 def sampling_notes(request: GenerateRequest, recipe=None) -> list[str]:
@@ -156,15 +153,23 @@ def default_cfg(pipe) -> float:
     return _card_cfg(str(info.path))
 
 
-@functools.lru_cache(maxsize=16)
 def _card_cfg(folder: str) -> float:
+    """The card's recommended guidance (:func:`card_recommended_cfg`), else the web UI's 7."""
+    cfg = card_recommended_cfg(folder)
+    return DEFAULT_CFG if cfg is None else cfg
+
+
+@functools.lru_cache(maxsize=16)
+def card_recommended_cfg(folder: str) -> float | None:
     """``training.json`` -> ``final_check.recommended_cfg``: the guidance at which the trained tiny model
-    passed its acceptance check (tiny-sd: 3; its card's guidance sweep shows shapes fail at 7.5)."""
+    passed its acceptance check (tiny-sd: 3; its card's guidance sweep shows shapes fail at 7.5); None when the
+    folder's card names none."""
     try:
         card = json.loads((Path(folder) / "training.json").read_text())
     except (OSError, ValueError):
-        return DEFAULT_CFG
-    return float(card.get("final_check", {}).get("recommended_cfg", DEFAULT_CFG))
+        return None
+    cfg = card.get("final_check", {}).get("recommended_cfg")
+    return None if cfg is None else float(cfg)
 
 
 def native_size(pipe) -> tuple[int, int]:

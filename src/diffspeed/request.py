@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from diffspeed.errors import DiffspeedError
-from diffspeed.pipelines.samplers import SAMPLERS, get_sampler
+from diffspeed.pipelines.samplers import SAMPLERS, check_eta, get_sampler
 from diffspeed.pipelines.workflows import HIRES_UPSCALERS, hires_upscaler
 
 MAX_SEED = 2**32 - 1
@@ -194,10 +194,8 @@ class GenerateRequest(BaseModel):
     @field_validator("eta")
     @classmethod
     def _eta_needs_sampler(cls, v, info: ValidationInfo):
-        name = info.data.get("sampler")
-        if v is not None and name is not None and get_sampler(name).eta is None:
-            raise DiffspeedError(f"eta: the {get_sampler(name).name} sampler reads no eta (DDIM, DDIM Trailing and "
-                                 "TCD do); leave it out", field="eta")
+        if info.data.get("sampler") is not None:
+            check_eta(info.data["sampler"], v)
         return v
 
     @field_validator("hires_upscaler")

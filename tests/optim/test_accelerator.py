@@ -260,3 +260,13 @@ def test_eta_only_for_samplers_that_read_it():
         GenerateRequest(prompt=PROMPT, sampler="Euler", eta=0.5)
     assert err.value.field == "eta"
     assert GenerateRequest(prompt=PROMPT, sampler="DDIM", eta=0.5).eta == 0.5
+
+
+def test_originals_on_disk_restore_exactly(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the spill folder lands here, and is removed again
+    write_lora(tiny_sd.unet, tmp_path / "lcm.safetensors", "lcm")
+    before = snapshot(tiny_sd)
+    with Accelerated(tiny_sd, [AcceleratorConfig(lora=str(tmp_path / "lcm.safetensors"), originals="disk")]):
+        assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+    assert_same(before, snapshot(tiny_sd))
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]

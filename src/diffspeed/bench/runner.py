@@ -17,7 +17,6 @@ The baseline runs at the bench's steps and CFG (default: the shipped model card'
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import json
 import math
@@ -275,23 +274,11 @@ def card_cfg(model: str) -> tuple[float, str]:
     """The CFG scale the bench runs ``model`` at when none is given, and where it comes from: a shipped model's
     card (``training.json``'s recommended scale, as ``diffspeed generate`` uses; tiny-sd: 3), read without
     loading the pipeline; otherwise the web UI's 7."""
-    gen = importlib.import_module("diffspeed.generate")  # the module; the package's name is the function
-    loader = importlib.import_module("diffspeed.pipelines.load")
+    from diffspeed.generate import DEFAULT_CFG, card_recommended_cfg
+    from diffspeed.pipelines.load import SHIPPED, shipped_path
 
-    default = float(getattr(gen, "DEFAULT_CFG", 7.0))
-    if model.startswith("random:") or model not in getattr(loader, "SHIPPED", ()):
-        return default, "default"
-    if hasattr(loader, "shipped_path"):
-        folder = loader.shipped_path(model)
-    elif hasattr(loader, "models_dir"):
-        folder = Path(loader.models_dir()) / model
-    else:
-        folder = Path(loader.MODELS_DIR) / model
-    try:
-        said = "recommended_cfg" in json.loads((Path(folder) / "training.json").read_text()).get("final_check", {})
-    except (OSError, ValueError, AttributeError):
-        said = False
-    return float(gen._card_cfg(str(folder))), "model card" if said else "default"
+    cfg = card_recommended_cfg(str(shipped_path(model))) if model in SHIPPED else None
+    return (DEFAULT_CFG, "default") if cfg is None else (cfg, "model card")
 
 
 def with_accelerator_settings(entry: Entry) -> Entry:

@@ -162,17 +162,27 @@ class Edits:
     def retensor(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *,
                  spill_dir: str | Path | None = None) -> None:
         """Apply ``fn`` to every parameter and buffer, keeping the original tensors so undo restores them
-        exactly (a dtype round trip fp32 -> fp16 -> fp32 would not): in host memory, or with ``spill_dir`` in
-        a folder of files there (``torch.save`` round-trips bits and strides), one per tensor, written as each
-        is converted -- so the originals' memory is given back as the cast goes, never held twice."""
+        exactly (a dtype round trip fp32 -> fp16 -> fp32 would not): see :meth:`set_tensors`. Each tensor is
+        converted as its turn comes, so with ``spill_dir`` the originals' memory is given back as the cast goes,
+        never held twice."""
+        def changed():
+            for t in [*module.parameters(), *module.buffers()]:
+                new = fn(t.data)
+                if new is not t.data:
+                    yield t, new
+
+        self.set_tensors(changed(), spill_dir=spill_dir, what=f"tensors of {type(module).__name__}")
+
+    def set_tensors(self, changes, *, spill_dir: str | Path | None = None, what: str = "tensors") -> None:
+        """Give each parameter or buffer of ``changes`` ((tensor, new value) pairs, consumed one at a time) its
+        new value as it is, keeping the originals so undo restores them exactly: in host memory, or with
+        ``spill_dir`` in a folder of files there (``torch.save`` round-trips bits and strides), one per tensor,
+        written as each is replaced."""
         # named for this pid: removed on exit and SIGTERM, swept by the next process if this one is killed
         spill = make_spill_dir(spill_dir) if spill_dir else None
         saved = []
         try:
-            for t in [*module.parameters(), *module.buffers()]:
-                new = fn(t.data)
-                if new is t.data:
-                    continue
+            for t, new in changes:
                 device = t.data.device
                 original = t.data.to("cpu")  # on the CPU: the original tensor itself
                 if spill is not None:
@@ -183,33 +193,8 @@ class Edits:
         except BaseException:
             _restore(saved, spill)
             raise
-
         self.counts["tensors changed"] += len(saved)
-        self.record(f"tensors of {type(module).__name__}" + (f" (originals in {spill})" if spill else ""),
-                    lambda: _restore(saved, spill))
-
-
-    def set_tensors(self, changes, *, spill_dir: str | Path | None = None) -> None:
-        """Give each parameter or buffer of ``changes`` ((tensor, new value) pairs) its new value, keeping the
-        originals as :meth:`retensor` does (in host memory, or with ``spill_dir`` in files there; ``True``: the
-        system temp folder), so undo restores them exactly."""
-        spill = make_spill_dir(None if spill_dir is True else spill_dir) if spill_dir else None
-        saved = []
-        try:
-            for t, new in changes:
-                device = t.data.device
-                original = t.data.to("cpu")
-                if spill is not None:
-                    torch.save(original, spill / f"{len(saved)}.pt")
-                    original = None
-                saved.append((t, original, device))
-                t.data = new.to(device)
-        except BaseException:
-            _restore(saved, spill)
-            raise
-        self.counts["tensors changed"] += len(saved)
-        self.record(f"{len(saved)} tensors" + (f" (originals in {spill})" if spill else ""),
-                    lambda: _restore(saved, spill))
+        self.record(what + (f" (originals in {spill})" if spill else ""), lambda: _restore(saved, spill))
 
 
 def _restore(saved: list, spill: Path | None) -> None:

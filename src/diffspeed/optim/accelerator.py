@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,17 +157,9 @@ def shipped_lora(pipe, method: str) -> str | None:
     return SHIPPED.get((info.name, method))
 
 
-def lora_source(config: AcceleratorConfig, pipe) -> str:
-    if config.lora is not None:
-        return config.lora
-    name = shipped_lora(pipe, config.method)
-    if name is None:
-        model = getattr(getattr(pipe, "diffspeed_model", None), "name", "this model")
-        have = ", ".join(f"{m} on {n}" for (n, m) in SHIPPED)
-        raise DiffspeedError(f"accelerator.lora: no {config.method} LoRA is shipped for {model} (shipped: {have}); "
-                             f"give the distilled LoRA's file, e.g. accelerator.lora = 'lcm-lora-sdv1-5.safetensors'",
-                             field="lora")
-    return name
+def lora_source(config: AcceleratorConfig, pipe) -> str | None:
+    """The LoRA to fuse: the config's, else the one shipped for the loaded model (None: neither)."""
+    return config.lora if config.lora is not None else shipped_lora(pipe, config.method)
 
 
 # --------------------------------------------------------------------------------------------- the deltas
@@ -287,12 +280,12 @@ class Accelerator(Optimization):
 
     @classmethod
     def requirements(cls, config: AcceleratorConfig, pipe=None) -> list[str]:
-        if pipe is None or config.unet is not None:
+        if pipe is None or config.unet is not None or lora_source(config, pipe) is not None:
             return []
-        if config.lora is None and shipped_lora(pipe, config.method) is None:
-            model = getattr(getattr(pipe, "diffspeed_model", None), "name", "this model")
-            return [f"no {config.method} LoRA is shipped for {model}; give accelerator.lora"]
-        return []
+        model = getattr(getattr(pipe, "diffspeed_model", None), "name", "this model")
+        have = ", ".join(f"{m} on {n}" for (n, m) in SHIPPED)
+        return [f"no {config.method} LoRA is shipped for {model} (shipped: {have}); give the distilled LoRA's file, "
+                f"e.g. accelerator.lora = 'lcm-lora-sdv1-5.safetensors'"]
 
     def _apply(self, pipe, state: RunState, edits: Edits) -> None:
         from diffspeed.pipelines.lora import resolve_lora_path
@@ -306,7 +299,8 @@ class Accelerator(Optimization):
             source = resolve_lora_path(lora_source(cfg, pipe))
             changes = lora_deltas(pipe, source, cfg.weight)
         self.recommended = recommended(cfg, source)
-        edits.set_tensors(changes, spill_dir=True if cfg.originals == "disk" else None)
+        edits.set_tensors(changes, spill_dir=tempfile.gettempdir() if cfg.originals == "disk" else None,
+                          what=f"{len(changes)} {cfg.method} weights")
         edits.set_attr(pipe, "scheduler", get_sampler(self.recommended.sampler).build(pipe.scheduler.config))
         self.changes = {"weights_changed": len(changes), "scheduler_swapped": 1}
 

@@ -61,6 +61,13 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
 )}
 
 
+def check_eta(sampler: str, eta: float | None) -> None:
+    """A one-line error naming ``eta`` when it is given for a sampler that reads none."""
+    if eta is not None and get_sampler(sampler).eta is None:
+        raise DiffspeedError(f"eta: the {get_sampler(sampler).name} sampler reads no eta (DDIM, DDIM Trailing and "
+                             "TCD do); leave it out", field="eta")
+
+
 def get_sampler(name: str) -> Sampler:
     """Look a sampler up by its web-UI name, ignoring case and surrounding spaces."""
     key = {k.lower(): k for k in SAMPLERS}.get(str(name).strip().lower())
