@@ -89,3 +89,50 @@ def test_around_forgets_a_call_that_failed_between_pre_and_post():
     out = inner(torch.ones(1, 2))
     assert seen == ["after"] and out.shape == (1, 2)
     edits.undo()
+
+
+def test_wrap_beneath_replaces_the_method_under_earlier_wrappers():
+    class Box:
+        def forward(self, x):
+            return x + 1
+
+    box, calls = Box(), []
+    outer = Edits("outer")
+    outer.wrap_method(box, "forward", lambda inner, x: (calls.append("outer"), inner(x) * 10)[1])
+    wrapper = box.forward
+    beneath = Edits("beneath")
+    beneath.wrap_beneath(box, "forward", lambda fn: lambda x: (calls.append("compiled"), fn(x) + 100)[1])
+    assert box.forward is wrapper, "the outer wrapper stays on top"
+    assert box.forward(1) == (1 + 1 + 100) * 10 and calls == ["outer", "compiled"]
+    assert beneath.counts["methods wrapped"] == 1
+    beneath.undo()
+    assert box.forward(1) == 20
+    outer.undo()
+    assert "forward" not in vars(box) and box.forward(1) == 2
+
+
+def test_wrap_beneath_a_plain_method_sets_it_and_undoes():
+    class Box:
+        def forward(self, x):
+            return x
+
+    box = Box()
+    edits = Edits("beneath")
+    edits.wrap_beneath(box, "forward", lambda fn: lambda x: fn(x) * 2)
+    assert box.forward(3) == 6 and edits.counts["methods wrapped"] == 1
+    edits.undo()
+    assert "forward" not in vars(box) and box.forward(3) == 3
+
+
+def test_wrap_beneath_undone_after_its_wrapper_leaves_the_method_clean():
+    class Box:
+        def forward(self, x):
+            return x
+
+    box = Box()
+    outer, beneath = Edits("outer"), Edits("beneath")
+    outer.wrap_method(box, "forward", lambda inner, x: inner(x) + 1)
+    beneath.wrap_beneath(box, "forward", lambda fn: lambda x: fn(x) * 2)
+    outer.undo()  # the wrapper and what it held go together
+    beneath.undo()
+    assert "forward" not in vars(box) and box.forward(3) == 3

@@ -96,12 +96,13 @@ class Edits:
         The class is untouched; the wrapper lives in the instance ``__dict__``. Undo checks that nothing was
         wrapped on top of it since, because unwrapping out of order would silently drop the later wrapper.
         """
-        inner = getattr(obj, name)
+        cell = [getattr(obj, name)]  # what the wrapper calls; wrap_beneath may swap it
 
-        @functools.wraps(inner)
+        @functools.wraps(cell[0])
         def wrapped(*args, **kwargs):
-            return wrapper(inner, *args, **kwargs)
+            return wrapper(cell[0], *args, **kwargs)
 
+        wrapped.__diffspeed_inner__ = cell
         self.set_attr(obj, name, wrapped)
         set_undo = self._undo.pop()[1]
         self.counts["attributes set"] -= 1
@@ -115,6 +116,35 @@ class Edits:
 
         self.record(f"wrap {type(obj).__name__}.{name}", undo)
         return wrapped
+
+    def wrap_beneath(self, obj: Any, name: str, make: Callable[[Callable], Callable]) -> Callable:
+        """Replace the innermost ``obj.<name>`` -- the method itself, beneath any wrappers that optimizations
+        applied before put on top (:meth:`wrap_method`) -- with ``make(method)``. The wrappers keep running
+        (a cache's decision to skip a block stays eager Python) and only the method's own work is replaced:
+        how ``compile`` and ``openvino`` compile a block another optimization also wraps. Returns what
+        ``make`` built; undo puts the method back."""
+        current = getattr(obj, name)
+        cell = getattr(current, "__diffspeed_inner__", None)
+        if cell is None:
+            new = make(current)
+            self.set_attr(obj, name, new)
+            self.counts["attributes set"] -= 1
+            self.counts["methods wrapped"] += 1
+            return new
+        while hasattr(cell[0], "__diffspeed_inner__"):
+            cell = cell[0].__diffspeed_inner__
+        old = cell[0]
+        cell[0] = new = make(old)
+        self.counts["methods wrapped"] += 1
+
+        def undo():
+            if cell[0] is not new:
+                raise DiffspeedError(f"{self.owner}: {type(obj).__name__}.{name} was replaced again beneath its "
+                                     f"wrappers; remove optimizations in the reverse order of applying them")
+            cell[0] = old
+
+        self.record(f"beneath {type(obj).__name__}.{name}", undo)
+        return new
 
     def forward_pre_hook(self, module: torch.nn.Module, hook: Callable, *, with_kwargs: bool = False) -> None:
         handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)

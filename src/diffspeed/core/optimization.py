@@ -217,6 +217,12 @@ class Optimization:
         return call
 
     @classmethod
+    def clashes(cls, config: OptConfig, others: dict[str, OptConfig]) -> list[str]:
+        """Conflicts that depend on settings (``others``: the recipe's other configs by name), as messages
+        naming the field to change; the name-only ones are in ``conflicts``. Default: none."""
+        return []
+
+    @classmethod
     def requirements(cls, config: OptConfig, pipe=None) -> list[str]:
         """Unmet requirements (hardware, packages, pipeline parts); empty when it can run here."""
         return []

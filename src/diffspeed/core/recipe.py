@@ -132,7 +132,10 @@ class Recipe:
         problems += _conflicts(names, known)
         last = [n for n in counts if known[n].last and names[-1] != n]
         problems += [f"{n} must be the last optimization (it freezes what the others changed)" for n in last]
+        by_name = {c.name: c for c in self.optimizations}
         for c in self.optimizations:
+            others = {n: o for n, o in by_name.items() if n != c.name}
+            problems += [f"{c.name} conflicts with {p}" for p in known[c.name].clashes(c, others)]
             problems += [f"{c.name}: {p}" for p in known[c.name].requirements(c, pipe)]
             if workflow is not None and workflow in known[c.name].unsupported:
                 problems.append(f"{c.name} does not work with {workflow}: {known[c.name].unsupported[workflow]}")
