@@ -70,3 +70,33 @@ def test_fidelity_floor(model, method):
     print(f"\nFIDELITY {name} {method}: {p:.1f} dB, SSIM {s:.3f}")
     p_floor, s_floor = FLOORS[name][method]
     assert p > p_floor and s > s_floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["compile", "openvino"])
+def test_deepcache_on_compiled_blocks_keeps_deepcache_alones_floor(tiny_sd, engine):
+    """deepcache over compiled blocks (compile or openvino, regional) keeps the floor of deepcache alone."""
+    import importlib.util
+
+    from diffusers import EulerDiscreteScheduler
+
+    from diffspeed.core import Recipe
+
+    if engine == "openvino" and importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed")
+    old = tiny_sd.scheduler
+    tiny_sd.scheduler = EulerDiscreteScheduler.from_config(old.config)
+    try:
+        base = images(tiny_sd)
+        settings = {"regional": True} | ({"precision": "f32"} if engine == "openvino" else {})
+        steps = [{"name": "deepcache", "interval": 3}, {"name": engine, **settings}]
+        recipe = Recipe.from_dict({"optimization": steps})
+        with Accelerated(tiny_sd, recipe) as fast:
+            out = images(fast)
+            assert fast.stats["deepcache_cached_calls"] > 0
+    finally:
+        tiny_sd.scheduler = old
+    p, s = psnr(base, out), ssim(base, out)
+    print(f"tiny_sd deepcache N=3 + {engine} regional: {p:.1f} dB, SSIM {s:.3f}")
+    floor_psnr, floor_ssim = FLOORS["tiny_sd"]["deepcache N=3"]
+    assert p >= floor_psnr and s >= floor_ssim

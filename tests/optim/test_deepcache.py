@@ -130,6 +130,27 @@ def test_macs_are_reported_and_match_the_skipped_share(tiny_sd):
     assert 0.5 < share < 1.0  # branch 0 skips most of the UNet on a cached call
 
 
+def test_mac_counters_live_for_one_full_call_per_shape(tiny_sd):
+    """The MAC counting hooks are on for the first full call of each input shape only (issue 18: per-call
+    overhead): later calls and later generations of that shape reuse the count, and report the same MACs."""
+    unet = tiny_sd.unet
+    hooks_seen = []  # forward hooks on conv_out (a counted conv) at each UNet call
+    probe = unet.conv_out.register_forward_pre_hook(lambda m, a: hooks_seen.append(len(m._forward_hooks)))
+    try:
+        with Accelerated(tiny_sd, [DeepCacheConfig(interval=3, branch=0)]) as fast:
+            images(fast, steps=12, n=1)
+            first = dict(fast.stats)
+            assert hooks_seen == [1] + [0] * 11
+            images(fast, steps=12, n=1)
+            assert hooks_seen[12:] == [0] * 12 and fast.stats == first
+            images(fast, steps=12, n=2)  # another batch: another shape, counted once more
+            assert hooks_seen[24:] == [1] + [0] * 11
+            assert fast.stats["deepcache_total_macs"] == 2 * first["deepcache_total_macs"]
+    finally:
+        probe.remove()
+    assert len(unet.conv_out._forward_hooks) == 0
+
+
 def test_composes_with_cfg_cutoff(tiny_sd):
     recipe = [CfgCutoffConfig(fraction=0.5), DeepCacheConfig(interval=3)]
     with Accelerated(tiny_sd, [CfgCutoffConfig(fraction=0.5)]) as fast:

@@ -152,8 +152,8 @@ class Compile(Optimization):
             if not blocks:
                 raise DiffspeedError(f"compile.regional: {type(unet).__name__} has none of the repeated blocks "
                                      f"{', '.join(sorted(_names(unet)))}; use regional=false", field="regional")
-            for _, block in blocks:
-                edits.set_attr(block, "forward", self._compile(block.forward, REGIONAL_RECOMPILE_LIMIT))
+            for _, block in blocks:  # beneath other optimizations' wrappers: their per-call Python stays eager
+                edits.wrap_beneath(block, "forward", lambda fn: self._compile(fn, REGIONAL_RECOMPILE_LIMIT))
             unet_fn = unet.forward  # eager: it calls the compiled blocks
         else:
             unet_fn = self._compile(unet.forward)

@@ -149,36 +149,62 @@ def _placeholder(tpl, batch: int, tensor=None, real: bool = False):
     return type(tpl)(_placeholder(t, batch, x, real) for t, x in zip(tpl, first))
 
 
-def _macs_hooks(edits: Edits, model, total: list[int], skipped: list[int], skipped_ids: set[int]) -> None:
-    """Forward hooks, recorded in ``edits``, that add each conv / linear / attention product's
-    multiply-accumulates to ``total`` (and to ``skipped`` for modules in ``skipped_ids``)."""
+@dataclasses.dataclass(frozen=True)
+class _Counted:
+    """The modules whose multiply-accumulates are counted, found once at apply."""
+
+    products: list[tuple[torch.nn.Module, int, bool]]  # conv / linear: (module, MACs per output element, skipped)
+    attentions: list[tuple[torch.nn.Module, bool]]  # attention products: (module, skipped)
+
+
+def _countable(model, skipped_ids: set[int]) -> _Counted:
+    """Every conv, linear and attention module of ``model``; skipped: not run on a cached call."""
     from diffusers.models.attention_processor import Attention
 
-    def add(module, n: int) -> None:
-        total[0] += n
-        if id(module) in skipped_ids:
-            skipped[0] += n
-
-    def conv(module, args, out):
-        add(module, out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size))
-
-    def linear(module, args, out):
-        add(module, out.numel() * module.in_features)
-
-    def attention(module, args, kwargs, out):
-        h = args[0] if args else kwargs["hidden_states"]
-        ctx = kwargs.get("encoder_hidden_states")
-        lq = h.shape[1] if h.dim() == 3 else math.prod(h.shape[2:])
-        lk = lq if ctx is None else ctx.shape[1]
-        add(module, 2 * h.shape[0] * lq * lk * module.inner_dim)
-
+    products, attentions = [], []
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
-            edits.forward_hook(m, conv)
+            products.append((m, m.in_channels // m.groups * math.prod(m.kernel_size), id(m) in skipped_ids))
         elif isinstance(m, torch.nn.Linear):
-            edits.forward_hook(m, linear)
+            products.append((m, m.in_features, id(m) in skipped_ids))
         elif isinstance(m, Attention):
-            edits.forward_hook(m, attention, with_kwargs=True)
+            attentions.append((m, id(m) in skipped_ids))
+    return _Counted(products, attentions)
+
+
+def _macs_hooks(edits: Edits, counted: _Counted, total: list[int], skipped: list[int]) -> None:
+    """Forward hooks, recorded in ``edits`` as one step, that add each counted module's multiply-accumulates to
+    ``total`` (and to ``skipped`` for the modules a cached call skips). Plain handles rather than one record each:
+    they live for one full call, and a few hundred of them are put on and taken off per counted shape."""
+
+    def product(k: int, skip: bool):
+        def hook(module, args, out):
+            n = out.numel() * k
+            total[0] += n
+            if skip:
+                skipped[0] += n
+
+        return hook
+
+    def attention(skip: bool):
+        def hook(module, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            ctx = kwargs.get("encoder_hidden_states")
+            lq = h.shape[1] if h.dim() == 3 else math.prod(h.shape[2:])
+            lk = lq if ctx is None else ctx.shape[1]
+            n = 2 * h.shape[0] * lq * lk * module.inner_dim
+            total[0] += n
+            if skip:
+                skipped[0] += n
+
+        return hook
+
+    handles: list = []
+    edits.record("MAC-counting hooks", lambda: [h.remove() for h in handles])  # first: a failure half-way is undone
+    for m, k, skip in counted.products:
+        handles.append(m.register_forward_hook(product(k, skip)))
+    for m, skip in counted.attentions:
+        handles.append(m.register_forward_hook(attention(skip), with_kwargs=True))
 
 
 def _resize_hw(hw, old_latent, new_latent) -> tuple[int, int]:
@@ -245,8 +271,13 @@ class DeepCache(Optimization):
     stateful = True
     noop = {"interval": 1}
     example = {"interval": 2, "min_steps": 1}
-    conflicts = {"compile": "DeepCache switches the UNet's path every call; a compiled UNet would recompile or "
-                            "break its graph on each switch"}
+
+    @classmethod
+    def clashes(cls, config, others) -> list[str]:
+        return [f"{name}: DeepCache switches the UNet's path every call; a whole-UNet graph would recompile or "
+                f"break on each switch; set {name}.regional=true (the blocks are then compiled beneath the cache's "
+                f"skips, so a cached call runs compiled shallow blocks only)"
+                for name in ("compile", "openvino") if name in others and not getattr(others[name], "regional", True)]
 
     def __init__(self, config=None, **fields):
         super().__init__(config, **fields)
@@ -270,9 +301,11 @@ class DeepCache(Optimization):
             edits.forward_pre_hook(unet, self._see_timestep, with_kwargs=True)
         edits.forward_pre_hook(unet.conv_in, self._begin)
         edits.forward_hook(unet, self._end)
+        self._counted = _countable(unet, self._plan.skipped_ids)
         blocks = {id(b) for b in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]}
+        in_up = {id(m) for b in unet.up_blocks for m in b.modules()}
         for module in self._plan.skipped:
-            real = id(module) not in blocks and any(module in b.modules() for b in unet.up_blocks)
+            real = id(module) not in blocks and id(module) in in_up
             edits.wrap_method(module, "forward", self._skippable(module, module is self._plan.cache_point, real))
 
     def _reset(self) -> None:
@@ -337,7 +370,7 @@ class DeepCache(Optimization):
             run.counting = ([0], [0])
             # per call: if the UNet fails before _end, the call's end (or remove()) takes these hooks off
             run.counters = self.call_edits.child("MAC counting")
-            _macs_hooks(run.counters, self.pipe.unet, *run.counting, self._plan.skipped_ids)
+            _macs_hooks(run.counters, self._counted, *run.counting)
 
     def _end(self, module, args, out):
         run = self._run
