@@ -42,7 +42,15 @@ def _recipes() -> list:
             out.append(pytest.param(name, lambda c=cls: Recipe((c.Config(**c.example),)), marks=marks, id=name))
     for name in PRESETS:
         out.append(pytest.param(f"preset-{name}", lambda n=name: preset_recipe(n, "cpu"), id=f"preset-{name}"))
+    for engine, settings in COMPILED_CACHES.items():  # a cache above compiled blocks: its skips stay eager
+        out.append(pytest.param(f"deepcache+{engine}", lambda e=engine, s=settings: Recipe.from_dict(
+            {"optimization": [{"name": "deepcache", "interval": 2, "min_steps": 1}, {"name": e, **s}]}),
+            marks=[pytest.mark.slow], id=f"deepcache+{engine}"))
     return out
+
+
+# the compiled engines deepcache composes with (regional: blocks compiled beneath the cache's wrappers)
+COMPILED_CACHES = {"compile": {"regional": True}, "openvino": {"regional": True, "precision": "f32"}}
 
 
 # where: (module picked from the pipeline, which of its calls fails, the exception to raise)
@@ -130,8 +138,10 @@ def test_fault_leaves_nothing_behind(pipe, recipe_id, make, fault):
         finally:
             fast.remove()
     assert_same(before, snapshot(pipe))
-    if compiled:  # the fault's recompiles give another graph (or dynamo's eager fallback): float rounding apart
-        np.testing.assert_allclose(after, reference, atol=1e-5, err_msg="the call after the fault drifted")
+    if compiled:  # the fault's recompiles give another graph (or dynamo's eager fallback, or a PyTorch call where
+        # a hook was added: the reference counts calls with one): float rounding apart
+        np.testing.assert_allclose(after, reference, atol=2e-3 if "openvino" in recipe_id else 1e-5,
+                                   err_msg="the call after the fault drifted")
     else:
         assert np.array_equal(after, reference), "the call after the fault differs from a fresh run"
 
