@@ -56,9 +56,14 @@ def test_without_fast_bf16_no_preset_computes_in_half_precision():
                 for t in load_preset(name).entries["cuda-fp16"] if t["name"] == "precision"]
         assert sm75 and all("bf16" not in c.compute_dtypes() for c in sm75), name
     assert "no native bf16" in resolve_preset("fastest", AVX2)[1]
-    for name in MEMORY_PRESETS:  # they may still store in bf16: computed in fp32, and they say the trade
-        precision = next(c for c in preset_recipe(name, profile=AVX2).optimizations if c.name == "precision")
-        assert precision.unet == "bf16" and precision.compute == "fp32"
+    for name in MEMORY_PRESETS:  # they still store the UNet small (bf16, or fp8 via quantize): computed in fp32
+        steps = {c.name: c for c in preset_recipe(name, profile=AVX2).optimizations}
+        precision, quantize = steps["precision"], steps.get("quantize")
+        assert precision.compute == "fp32", name
+        if quantize is None:
+            assert precision.unet == "bf16", name
+        else:  # fp8 layers compute in the dtype the UNet has when quantize applies: fp32, precision leaves it
+            assert quantize.method.startswith("fp8") and "unet" in quantize.components and precision.unet is None
         assert "fp32" in load_preset(name).uses["cpu-fp32"] and "slow" in load_preset(name).uses["cpu-fp32"]
 
 
@@ -109,7 +114,12 @@ def test_cuda_recipes_only_miss_the_gpu_here(name, cls):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", PRESETS)
 def test_cuda_recipes_validate_on_a_gpu(name, tiny_sd):
-    assert preset_recipe(name, "cuda").check(tiny_sd.to("cuda")) == []
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    try:
+        assert preset_recipe(name, "cuda").check(tiny_sd.to("cuda")) == []
+    finally:
+        tiny_sd.to("cpu")  # the fixture is shared by the session
 
 
 def test_unknown_preset_names_the_field():
@@ -157,8 +167,8 @@ def test_low_vram_cpu_presets_keep_the_image(tiny_sd):
 
 
 def test_fp32_cpu_presets_keep_the_image_and_never_warn(tiny_sd, monkeypatch):
-    """On the AVX2 profile the speed presets compute in fp32 and the memory presets store bf16 weights computed
-    in fp32: no slow-dtype warning, the weights really are bf16 while generating, and the image stays close."""
+    """On the AVX2 profile the speed presets compute in fp32 and the memory presets store bf16 (low-vram-4gb: fp8)
+    weights computed in fp32: no slow-dtype warning, the weights really are small while generating, and the image stays close."""
     import warnings
 
     from diffspeed import hardware
@@ -173,7 +183,8 @@ def test_fp32_cpu_presets_keep_the_image_and_never_warn(tiny_sd, monkeypatch):
                 stored = max(tiny_sd.unet.parameters(), key=lambda p: p.numel()).dtype
                 image = fast([PROMPT], num_inference_steps=6, guidance_scale=5.0, output_type="np",
                              generator=[torch.Generator().manual_seed(11)]).images[0]
-            assert stored == (torch.bfloat16 if name in MEMORY_PRESETS else torch.float32), name
+            small = torch.float8_e4m3fn if name == "low-vram-4gb" else torch.bfloat16  # fp8: quantize
+            assert stored == (small if name in MEMORY_PRESETS else torch.float32), name
             floor = 35 if name in MEMORY_PRESETS or name == "quality" else 15  # caching presets: their own cost
             assert psnr(image, base) > floor, name
     assert tiny_sd.unet.dtype == torch.float32
