@@ -242,8 +242,9 @@ def _add_bench(sub) -> None:
     e.add_argument("--suite", action="append", default=[], choices=["classic", "caching"],
                    help="classic: one entry per classic optimization; caching: DeepCache/ToMe/HyperTile/T-GATE")
     e.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the peers (DeepCache package, tomesd, diffusers enable_* and compile); default: "
-                   "on when nothing else is chosen")
+                   help="also run the peers (DeepCache package, tomesd, diffusers' enable_*, compile, PAB hook and "
+                   "documented settings, optimum-intel's OpenVINO pipeline: in the interpreter $DIFFSPEED_PEER_PYTHON "
+                   "names, made by tools/peer_venv.sh); default: on when nothing else is chosen")
     e.add_argument("--accelerator", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="one more entry: a step-distilled LoRA (lcm, tcd, hyper-sd, lightning), run at its "
                    "recommended steps, CFG and sampler while the baseline keeps --steps/--cfg-scale (repeatable)")

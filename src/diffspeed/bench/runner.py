@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffspeed.bench.peers import Peer, deepcache_package, default_peers, tomesd_package
+from diffspeed.bench.peers import PEER_PYTHON_ENV, Peer, deepcache_package, default_peers, tomesd_package
 from diffspeed.bench.queue import QueueItem, default_queue, scenes_of
 from diffspeed.bench.worker import new_result
 from diffspeed.core import OptConfig, Recipe, all_optimizations
@@ -172,18 +172,25 @@ def _slug(text: str, taken: set) -> str:
     return slug
 
 
-def _run_isolated(job: dict, folder: Path, timeout: float | None, tick) -> dict:
-    """Run the worker in a fresh interpreter; a crash, a kill or a timeout becomes a failed result."""
+def worker_env() -> dict:
+    """The environment of a worker process: this one's, unbuffered, with this checkout's src/ first on the path so
+    the worker imports this very diffspeed, whichever interpreter runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run_isolated(job: dict, folder: Path, timeout: float | None, tick, python: str | None = None) -> dict:
+    """Run the worker in a fresh process of ``python`` (default: this interpreter); a crash, a kill or a timeout
+    becomes a failed result."""
     job_path, result_path, log_path = folder / "job.json", folder / "result.json", folder / "log.txt"
     job_path.write_text(json.dumps(job, indent=2) + "\n")
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    src = str(Path(__file__).resolve().parents[2])  # so the worker imports this very diffspeed
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     expired = threading.Event()
     with open(log_path, "w") as log, subprocess.Popen(
-            [sys.executable, "-m", "diffspeed.bench.worker", str(job_path), str(result_path)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env) as proc:
+            [python or sys.executable, "-m", "diffspeed.bench.worker", str(job_path), str(result_path)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=worker_env()) as proc:
         # a watchdog, not a check between output lines: a worker that hangs silently prints nothing
         watchdog = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
         if watchdog is not None:
@@ -217,19 +224,30 @@ def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.kill()
 
 
-def _cannot_run(entry: Entry, device: str) -> str | None:
-    """Why ``entry`` cannot run on ``device``, where that is clear without the model (a peer's package or
-    device, a recipe's unknown names, bad values or hardware needs); None otherwise."""
+def where_to_run(entry: Entry, device: str, peer_python: str | None = None) -> tuple[str | None, str | None]:
+    """``(interpreter, None)`` to run ``entry`` with, or ``(None, why it cannot run)`` where that is clear without
+    the model (a peer's package or device, a recipe's unknown names, bad values or hardware needs). A peer whose
+    package does not import in this interpreter runs in ``peer_python`` (``DIFFSPEED_PEER_PYTHON``) where it
+    imports there; recipes always run here."""
     from diffspeed.bench.peers import build_peer
     from diffspeed.core import RecipeError
 
-    if entry.kind == "peer":
-        return build_peer(entry.peer, entry.settings).missing(device)
-    try:
-        Recipe.from_dict(entry.recipe or {}, source="bench entry")
-    except RecipeError as err:
-        return "; ".join(err.problems)
-    return None
+    if entry.kind != "peer":
+        try:
+            Recipe.from_dict(entry.recipe or {}, source="bench entry")
+        except RecipeError as err:
+            return None, "; ".join(err.problems)
+        return sys.executable, None
+    peer = build_peer(entry.peer, entry.settings)
+    why = peer.device_problem(device) or peer.missing(device, python=sys.executable, env=worker_env())
+    if why is None:
+        return sys.executable, None
+    if not peer_python or peer.device_problem(device):
+        return None, why  # the peer's own install hint says how (tools/peer_venv.sh for optimum-intel)
+    there = peer.missing(device, python=peer_python, env=worker_env())
+    if there is None:
+        return peer_python, None
+    return None, f"{why}; and under {PEER_PYTHON_ENV}={peer_python}: {there}"
 
 
 def _load_images(paths: list[str]) -> np.ndarray:
@@ -326,7 +344,8 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
           runs: int = 5,
           warmup: int = 1, device: str | None = None, dtype: str | None = None, out: str | Path = "bench-results",
           timeout: float | None = 1800.0, plugins: list[str] = (), threads: int | None = None,
-          progress: bool = True, command: str | None = None, noise_check: bool = True) -> dict:
+          progress: bool = True, command: str | None = None, noise_check: bool = True,
+          peer_python: str | None = None) -> dict:
     """Benchmark ``entries`` (default: every preset and every peer) against the baseline; write the report.
 
     ``noise_check``: measure the baseline once more at the end ("baseline again"); its speed ratio, which
@@ -336,6 +355,10 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
     recipe has an ``accelerator`` runs at its recommended steps and CFG instead of ``steps`` and ``cfg`` (see
     :func:`with_accelerator_settings`). When every prompt of the queue is a colour-check caption and the
     weights are trained, each row also gets ``adherence``: the colour check's background and shape accuracy.
+
+    ``peer_python``: the interpreter of a second environment for the peers whose package does not import in this
+    one (default: ``$DIFFSPEED_PEER_PYTHON``; ``tools/peer_venv.sh`` makes one for optimum-intel); each such row
+    records the interpreter and versions it ran with (``interpreter``).
 
     Returns what ``results.json`` holds. Every entry runs in its own process (see :mod:`.worker`); one that
     fails or is skipped is recorded with its reason and the rest go on.
@@ -366,6 +389,7 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
         check_range("prompts", prompts, 1, len(queue))
         queue = queue[:prompts]
     device = str(resolve_device(device))
+    peer_python = peer_python or os.environ.get(PEER_PYTHON_ENV) or None
     width, height = _size(model, size)
     random_weights = model.startswith("random:")
     from diffspeed.hardware import probe
@@ -398,12 +422,14 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
             bar.update(1)
 
         # plugins register their optimizations in the workers only, so only a worker can judge their recipes
-        why = entry.settings.get("invalid") or (None if plugins else _cannot_run(entry, device))
+        python, why = ((sys.executable, None) if plugins and entry.kind != "peer" else
+                       where_to_run(entry, device, peer_python))
+        why = entry.settings.get("invalid") or why
         if why:  # known before loading anything: no process is started for it
             row = new_result(entry.name, "skipped", why, "setup")
         else:
             job = common | {"entry": asdict(entry), "images_dir": str(folder / "images")}
-            row = _run_isolated(job, folder, timeout, tick)
+            row = _run_isolated(job, folder, timeout, tick, python)
         bar.update(warmup + runs * len(queue) - done[0])
         row |= {"kind": entry.kind, "source": entry.source, "what": entry.describe(), "slug": slug,
                 "recipe": entry.recipe, "peer": entry.peer, "settings": {k: v for k, v in entry.settings.items()
@@ -431,8 +457,9 @@ def bench(model: str = "tiny-sd", *, entries: list[Entry] | None = None, presets
                          "random weights" if random_weights else "trained", "cfg_source": cfg_source,
                          "adherence": (f"colour check (diffspeed.tiny.check): background and shape accuracy of "
                                        f"each entry's {len(queue)} images" if scenes is not None else None),
-                         "isolation": "one process per entry", "timing": "CUDA events" if device.startswith("cuda")
-                         else "perf_counter", "memory": "max_memory_allocated / reserved" if device.startswith("cuda")
+                         "isolation": "one process per entry", "peer_python": peer_python,
+                         "timing": "CUDA events" if device.startswith("cuda") else "perf_counter",
+                         "memory": "max_memory_allocated / reserved" if device.startswith("cuda")
                          else "peak RSS (VmHWM) of the entry's process after loading"},
             "fidelity_note": ("random weights: the images are noise, so fidelity is not computed (it would be "
                               "meaningless); only speed and memory count") if random_weights else None,

@@ -67,17 +67,22 @@ def load_pipeline(job: dict):
 
 
 class _PeerRunner:
-    """A peer's patch on the pipeline until ``close``; calls go straight to the pipeline."""
+    """A peer's patch on the pipeline until ``close``; calls go to the pipeline, or to the peer's own pipeline
+    object where it brings one (:class:`~diffspeed.bench.peers.Enabled`)."""
 
-    def __init__(self, pipe, peer):
-        self.pipe, self.stats = pipe, {}
-        self._disable = peer.enable(pipe)
+    def __init__(self, pipe, peer, call: dict):
+        from diffspeed.bench.peers import activate
+
+        self.stats = {}
+        self._enabled = activate(peer, pipe, call)
+        self._call = self._enabled.call or pipe
+        self.events = list(self._enabled.events)
 
     def __call__(self, *args, **kwargs):
-        return self.pipe(*args, **kwargs)
+        return self._call(*args, **kwargs)
 
     def close(self) -> None:
-        self._disable()
+        self._enabled.disable()
 
 
 class _RecipeRunner:
@@ -91,6 +96,10 @@ class _RecipeRunner:
     def stats(self) -> dict:
         return self.fast.stats
 
+    @property
+    def events(self) -> list[str]:
+        return list(self.fast.events)
+
     def __call__(self, *args, **kwargs):
         return self.fast(*args, **kwargs)
 
@@ -102,17 +111,22 @@ class Skip(Exception):
     """The entry cannot run here (a requirement is unmet); reported as skipped, not failed."""
 
 
-def build_runner(pipe, entry: dict, device: str):
+def build_runner(pipe, entry: dict, device: str, call: dict | None = None):
+    """The entry applied to ``pipe``: a peer (``call``: the bench call's width, height, steps and CFG, for a peer
+    that compiles for them ahead) or a diffspeed recipe."""
     from diffspeed.core import RecipeError
 
     if entry.get("peer"):
-        from diffspeed.bench.peers import build_peer
+        from diffspeed.bench.peers import NotApplicable, build_peer
 
         peer = build_peer(entry["peer"], entry.get("settings", {}))
         why = peer.missing(device)
         if why:
             raise Skip(why)
-        return _PeerRunner(pipe, peer)
+        try:
+            return _PeerRunner(pipe, peer, call or {})
+        except NotApplicable as err:
+            raise Skip(str(err)) from None
     try:
         return _RecipeRunner(pipe, entry.get("recipe") or {"optimization": []})
     except RecipeError as err:
@@ -161,6 +175,26 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).save(path)
 
 
+def interpreter(entry: dict) -> dict:
+    """The interpreter this worker runs in and the versions that matter to ``entry``: a peer may run in a second
+    environment (``DIFFSPEED_PEER_PYTHON``) with other versions than the bench's."""
+    import importlib.metadata as md
+    import platform
+
+    dists = ["torch", "diffusers", "transformers"]
+    if entry.get("peer"):
+        from diffspeed.bench.peers import build_peer
+
+        dists += [d for d in build_peer(entry["peer"], entry.get("settings", {})).versions if d not in dists]
+    versions = {}
+    for d in dists:
+        try:
+            versions[d] = md.version(d)
+        except md.PackageNotFoundError:
+            versions[d] = None
+    return {"python": sys.executable, "python_version": platform.python_version(), "versions": versions}
+
+
 def new_result(name: str, status: str = "ok", error: str | None = None, phase: str | None = None) -> dict:
     """An entry's result before anything is measured: what a skipped or failed entry reports."""
     return {"name": name, "status": status, "error": error, "phase": phase, "images": [], "seconds_per_image": [],
@@ -172,6 +206,8 @@ def run_job(job: dict, emit=_emit) -> dict:
     from diffspeed.bench.memory import MemoryMonitor
 
     result = new_result(job["entry"]["name"])
+    if job["entry"].get("peer"):
+        result["interpreter"] = interpreter(job["entry"])
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     phase = "load"
@@ -187,12 +223,16 @@ def run_job(job: dict, emit=_emit) -> dict:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        steps, cfg = entry_sampling(job)
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor if hasattr(pipe, "unet") else None
+        static = {"width": job["width"] or native, "height": job["height"] or native, "num_inference_steps": steps,
+                  "guidance_scale": cfg, "batch_size": 1}
         with MemoryMonitor() as mon:
             phase = "setup"
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:  # e.g. bf16 asked for where it is slow
                 warnings.simplefilter("always", SlowDtypeWarning)
-                runner = build_runner(pipe, job["entry"], device)
+                runner = build_runner(pipe, job["entry"], device, static)
             result["setup_s"] = time.perf_counter() - t0
             setup_events = [str(w.message) for w in caught if issubclass(w.category, SlowDtypeWarning)]
             for w in caught:  # the rest still reach the entry's log, as without the catch
@@ -203,7 +243,6 @@ def run_job(job: dict, emit=_emit) -> dict:
                 cuda_setup_mb = torch.cuda.max_memory_allocated() / MB
                 torch.cuda.reset_peak_memory_stats()
             queue, images = job["queue"], {}
-            steps, cfg = entry_sampling(job)
             result["sampling"] = {"steps": steps, "cfg": cfg, **scheduler_names(pipe.scheduler)}
 
             def call(item):
@@ -235,7 +274,7 @@ def run_job(job: dict, emit=_emit) -> dict:
             mon.mark("timed")
         result["stats"] = totals
         result["derived"] = derived_stats(totals, len(queue))
-        result["events"] = setup_events + list(getattr(getattr(runner, "fast", None), "events", []))
+        result["events"] = setup_events + runner.events
         folder = Path(job["images_dir"])
         for i, image in sorted(images.items()) if job.get("save_images", True) else ():
             _save_png(np.asarray(image, dtype=np.float32), folder / f"{i}.png")
