@@ -1,19 +1,43 @@
 #!/usr/bin/env python
-"""diffspeed's deepcache against the DeepCache package (DeepCacheSDHelper) at the same settings, interleaved.
+"""diffspeed's deepcache against the DeepCache package (DeepCacheSDHelper) at equal settings, interleaved.
 
-    python tools/compare_deepcache.py --model random:sd15 --size 256 --steps 10 --repeats 5
+    python tools/compare_deepcache.py --sizes 128 256 --rounds 5 --threads 2 --note "nothing else running"
 
-Both run in one process on one pipeline, alternating baseline / diffspeed / package each round (in a
-rotating order) so that drift in machine load hits all three alike; the UNet loop alone is timed
-(``output_type="latent"``: the VAE decode is the same for all three). Reports each median, the ratios,
-the theoretical speed-up from the MACs deepcache skipped, and the largest difference between the two
-implementations' latents.
+By default: the SD1.5-size UNet with random weights (``random:sd15``), Euler (one denoiser call per step and no
+repeated timesteps, so the package's ``timesteps.index(t)`` finds the right step), 10 steps, interval 3, branch 0.
+For each size, baseline / package / diffspeed run in one process on one pipeline, one after another in every
+round, in an order that rotates each round, so drift in machine load hits all three alike; round 0 warms up.
+
+Each is set up before and taken off after its timed call, outside the timed region: diffspeed as
+``Accelerated(pipe, [DeepCacheConfig(...)])`` with its MAC accounting and its effect check on (the MACs are
+counted afresh on each round's first full call, as on a freshly applied pipeline), the package with
+``DeepCacheSDHelper.enable()`` / ``disable()``. Timed: the pipeline call with ``output_type="latent"`` (the VAE
+decode is the same for all three), after a ``gc.collect()`` so that no run inherits another's garbage; wall and
+process CPU seconds, minor page faults, and each UNet call's wall time (a hook pair on the UNet, the same for all
+three).
+
+Reports per size: medians and spread, speed-ups over the same run's baseline, diffspeed's time over the
+package's (the median of the per-round ratios, and the ratio of the medians), the median full and cached UNet
+call, the theoretical speed-up from the MACs deepcache skipped, the largest latent difference between
+diffspeed and the package, and the machine (CPU model, avx512_bf16 / AMX flags, threads, load averages before
+and after each size: what else was running). Writes ``result.json`` and ``README.md`` to ``--out``.
+
+On CPU, glibc's malloc by default gives large freed blocks back to the OS and page-faults them in again: about
+460k minor faults (1.8 GB) per full SD1.5 UNet call on a 2-core EPYC VM, ~40% of a 128² call's CPU time on one
+thread and a large source of noise. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` (or a tcmalloc /
+jemalloc preload) keeps them; the settings in effect are recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import os
+import platform
+import resource
+import shlex
 import statistics
 import sys
 import time
@@ -24,23 +48,197 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+RUNNERS = ("baseline", "package", "diffspeed")
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
-def main() -> None:
+
+def machine() -> dict:
+    """CPU model, the instruction-set flags that matter for fp32 / bf16 matmuls, threads and versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from diffspeed.bench.runner import environment
+
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info = {"model": fields.get("model name", info["model"]),
+                "flags": [f for f in FLAGS if f in fields.get("flags", "").split()]}
+    env = environment()
+    try:
+        env["DeepCache"] = version("DeepCache")
+    except PackageNotFoundError:
+        env["DeepCache"] = None
+    return {**env, "cpu_model": info["model"], "cpu_flags": info["flags"],
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "interop_threads": torch.get_num_interop_threads(),
+            # glibc's malloc settings change CPU timings a lot: by default it hands large freed blocks back to the
+            # OS and page-faults them in again on the next call
+            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
+
+
+def runners(pipe, interval: int, branch: int) -> dict:
+    """Each runner: a context manager that sets it up and yields (call target, read its stats afterwards)."""
     from diffspeed.bench.peers import deepcache_package
-    from diffspeed.bench.runner import PROMPTS, environment
     from diffspeed.core import Accelerated
     from diffspeed.optim.deepcache import DeepCacheConfig
+
+    config = DeepCacheConfig(interval=interval, branch=branch)
+    peer = deepcache_package(interval, branch)
+
+    @contextlib.contextmanager
+    def baseline():
+        yield pipe, dict
+
+    @contextlib.contextmanager
+    def package():
+        disable = peer.enable(pipe)
+        try:
+            yield pipe, dict
+        finally:
+            disable()
+
+    @contextlib.contextmanager
+    def diffspeed():
+        with Accelerated(pipe, [config]) as ours:  # strict: a call that cached nothing raises
+            yield ours, lambda: dict(ours.stats)
+
+    return {"baseline": baseline, "package": package, "diffspeed": diffspeed}
+
+
+def measure(pipe, make: dict, size: int, steps: int, rounds: int, prompt: str, seed: int) -> dict:
+    """Interleaved rounds at one size: per runner, wall / CPU seconds, UNet call times, latents, stats."""
+    unet_calls: list[float] = []
+    started = [0.0]
+    hooks = [pipe.unet.register_forward_pre_hook(lambda *_: started.__setitem__(0, time.perf_counter())),
+             pipe.unet.register_forward_hook(lambda *_: unet_calls.append(time.perf_counter() - started[0]))]
+    gcs: dict[str, list[int]] = {name: [0, 0, 0] for name in make}
+    current = [None]
+
+    def count_gc(phase, info):
+        if phase == "start" and current[0] is not None:
+            gcs[current[0]][info["generation"]] += 1
+
+    gc.callbacks.append(count_gc)
+    out = {name: {"wall_s": [], "cpu_s": [], "minor_page_faults": [], "unet_call_s": [], "order": []} for name in make}
+    latents, stats = {}, {}
+    names = list(make)
+    try:
+        for r in range(rounds + 1):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                with make[name]() as (target, read_stats):
+                    gc.collect()
+                    unet_calls.clear()
+                    current[0] = name if r else None
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    lat = target(prompt, num_inference_steps=steps, width=size, height=size,
+                                 generator=torch.Generator().manual_seed(seed), output_type="latent").images
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                    current[0] = None
+                    stats[name] = read_stats()
+                latents[name] = lat
+                if r:
+                    rec = out[name]
+                    rec["wall_s"].append(wall)
+                    rec["cpu_s"].append(cpu)
+                    rec["minor_page_faults"].append(faults)
+                    rec["unet_call_s"].append(list(unet_calls))
+                    rec["order"].append(order.index(name))
+            done = ", ".join(f"{k} {v['wall_s'][-1]:.2f}s" for k, v in out.items() if v["wall_s"])
+            print(f"  {size}px round {r}{' (warm-up)' if not r else ''}: {done or 'done'}", flush=True)
+    finally:
+        gc.callbacks.remove(count_gc)
+        for h in hooks:
+            h.remove()
+    for name in out:
+        out[name]["gc_collections_by_generation"] = gcs[name]
+    return {"runs": out, "latents": latents, "stats": stats}
+
+
+def summarise(runs: dict, latents: dict, stats: dict, full: set[int]) -> dict:
+    med = {k: statistics.median(v["wall_s"]) for k, v in runs.items()}
+    cpu = {k: statistics.median(v["cpu_s"]) for k, v in runs.items()}
+
+    def calls(name, which):
+        xs = [t for run in runs[name]["unet_call_s"] for i, t in enumerate(run) if (i in full) == which]
+        return statistics.median(xs) if xs else None
+
+    paired = [d / p for d, p in zip(runs["diffspeed"]["wall_s"], runs["package"]["wall_s"])]
+    paired_cpu = [d / p for d, p in zip(runs["diffspeed"]["cpu_s"], runs["package"]["cpu_s"])]
+    s = stats["diffspeed"]
+    return {
+        "median_wall_s": med, "median_cpu_s": cpu,
+        "median_minor_page_faults": {k: statistics.median(v["minor_page_faults"]) for k, v in runs.items()},
+        "spread_wall_s": {k: [min(v["wall_s"]), max(v["wall_s"])] for k, v in runs.items()},
+        "speedup_over_baseline": {k: med["baseline"] / med[k] for k in ("package", "diffspeed")},
+        "diffspeed_over_package_time": {
+            "median_of_round_ratios": statistics.median(paired), "round_ratios": paired,
+            "ratio_of_medians": med["diffspeed"] / med["package"],
+            "cpu_median_of_round_ratios": statistics.median(paired_cpu)},
+        "median_unet_call_s": {"baseline": statistics.median(t for run in runs["baseline"]["unet_call_s"] for t in run),
+                               **{f"{k}_{w}": calls(k, w == "full") for k in ("package", "diffspeed")
+                                  for w in ("full", "cached")}},
+        "theoretical_speedup_from_macs": s["deepcache_total_macs"] / (s["deepcache_total_macs"]
+                                                                      - s["deepcache_skipped_macs"]),
+        "diffspeed_stats": s,
+        "max_abs_latent_difference_diffspeed_vs_package": float((latents["diffspeed"] - latents["package"])
+                                                                .abs().max()),
+    }
+
+
+def markdown(result: dict) -> str:
+    st = result["settings"]
+    env = result["machine"]
+    lines = [f"# deepcache vs the DeepCache package: {st['model']}, {st['steps']} Euler steps, interval "
+             f"{st['interval']}, branch {st['branch']}", "",
+             f"`{result['command']}`", "",
+             f"{env['cpu_model']} ({', '.join(env['cpu_flags']) or 'no avx512/amx flags'}); {env['threads']} torch "
+             f"threads of {env['usable_cpus']} usable CPUs; torch {env['torch']}, diffusers {env['diffusers']}, "
+             f"DeepCache {env['DeepCache']}, Python {env['python']}; allocator settings: "
+             f"{env['allocator_env'] or 'glibc defaults'}.", "",
+             f"Interleaved in one process, {st['rounds']} rounds after a warm-up, the order rotating each round; "
+             "medians. diffspeed / package < 1: diffspeed is faster. Also running: "
+             f"{st['note'] or 'not stated'}.", "",
+             "| size | baseline s | package s | diffspeed s | package x | diffspeed x | diffspeed / package "
+             "(median of rounds) | same, CPU time | full call ms (pkg / ds) | cached call ms (pkg / ds) | "
+             "MAC bound x | max latent diff | page faults (pkg / ds) | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size, r in result["sizes"].items():
+        m, c = r["median_wall_s"], r["median_unet_call_s"]
+        ratio = r["diffspeed_over_package_time"]
+        lines.append(
+            f"| {size}² | {m['baseline']:.2f} | {m['package']:.2f} | {m['diffspeed']:.2f} | "
+            f"{r['speedup_over_baseline']['package']:.2f} | {r['speedup_over_baseline']['diffspeed']:.2f} | "
+            f"{ratio['median_of_round_ratios']:.3f} | {ratio['cpu_median_of_round_ratios']:.3f} | "
+            f"{1000 * c['package_full']:.0f} / {1000 * c['diffspeed_full']:.0f} | "
+            f"{1000 * c['package_cached']:.1f} / {1000 * c['diffspeed_cached']:.1f} | "
+            f"{r['theoretical_speedup_from_macs']:.2f} | {r['max_abs_latent_difference_diffspeed_vs_package']:.1e} | "
+            f"{r['median_minor_page_faults']['package']:.0f} / {r['median_minor_page_faults']['diffspeed']:.0f} | "
+            f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f} |")
+    lines += ["", "Each run's seconds, CPU seconds, UNet call times and garbage collections are in result.json.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from diffspeed.bench.runner import PROMPTS
+    from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
     from diffspeed.pipelines.samplers import get_sampler
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:sd15")
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides in pixels")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--branch", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per size, after one warm-up round")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, for the report")
+    ap.add_argument("--out", default=None, help="folder for result.json and README.md (default: "
+                    "benchmarks/<model>-deepcache-vs-package; '-' writes nothing)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,50 +251,26 @@ def main() -> None:
 
         pipe = load(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = get_sampler("Euler").build(pipe.scheduler.config)  # no repeated timesteps: fair to both
+    pipe.scheduler = get_sampler("Euler").build(pipe.scheduler.config)
     prompt, seed = PROMPTS[0]
-
-    def call(runner):
-        t0 = time.perf_counter()
-        out = runner(prompt, num_inference_steps=args.steps, width=args.size, height=args.size,
-                     generator=torch.Generator().manual_seed(seed), output_type="latent").images
-        return time.perf_counter() - t0, out
-
-    config = DeepCacheConfig(interval=args.interval, branch=args.branch)
-    peer = deepcache_package(args.interval, args.branch)
-    times = {"baseline": [], "diffspeed": [], "package": []}
-    latents = {}
-    names = list(times)
-    for r in range(args.repeats + 1):  # round 0 warms up; the order rotates so no one always goes first
-        for name in names[r % 3:] + names[:r % 3]:
-            if name == "package":
-                disable = peer.enable(pipe)
-                try:
-                    t, lat = call(pipe)
-                finally:
-                    disable()
-            elif name == "diffspeed":  # applied and removed each round, as the package is
-                with Accelerated(pipe, [config]) as ours:
-                    t, lat = call(ours)
-                    stats = dict(ours.stats)
-            else:
-                t, lat = call(pipe)
-            if r:
-                times[name].append(t)
-            latents[name] = lat
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    theory = stats["deepcache_total_macs"] / (stats["deepcache_total_macs"] - stats["deepcache_skipped_macs"])
-    result = {"command": " ".join(sys.argv), "environment": environment(), "settings": vars(args),
-              "seconds": times, "median_s": med,
-              "speedup_diffspeed": med["baseline"] / med["diffspeed"],
-              "speedup_package": med["baseline"] / med["package"],
-              "diffspeed_vs_package": med["package"] / med["diffspeed"],
-              "theoretical_speedup_from_macs": theory, "stats": stats,
-              "max_abs_latent_difference": float((latents["diffspeed"] - latents["package"]).abs().max())}
-    print(json.dumps({k: v for k, v in result.items() if k not in ("environment", "seconds")}, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    make = runners(pipe, args.interval, args.branch)
+    full = full_calls(args.steps, DeepCacheConfig(interval=args.interval, branch=args.branch))
+    result = {"command": shlex.join(["python", *sys.argv]),
+              "machine": machine(), "settings": vars(args), "sizes": {}}
+    for size in args.sizes:
+        before = os.getloadavg()
+        m = measure(pipe, make, size, args.steps, args.rounds, prompt, seed)
+        summary = summarise(m["runs"], m["latents"], m["stats"], full)
+        result["sizes"][str(size)] = {**summary, "load_average_before": before, "load_average_after": os.getloadavg(),
+                                      "runs": m["runs"]}
+        print(json.dumps({k: v for k, v in summary.items() if k != "diffspeed_stats"}, indent=2), flush=True)
+    if args.out != "-":
+        slug = args.model.replace(":", "-").replace("/", "-")
+        folder = Path(args.out) if args.out else ROOT / "benchmarks" / f"{slug}-deepcache-vs-package"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / "README.md").write_text(markdown(result))
+        print(f"wrote {folder}/result.json and README.md")
 
 
 if __name__ == "__main__":
