@@ -172,18 +172,31 @@ class _Engine:
         self.eager_noted = False
         self._fingerprint: str | None = None
         self._modules = list(owner.modules())
+        self._walk = False
         self._hooks = self._hook_count()
         self._weights = self._weights_state()
+        self._versions = self._versions_now()
 
     def _weights_state(self) -> tuple:
-        """Cheap per call: which tensors the module holds, their in-place version counters (a fused LoRA bumps
-        them) and unfused LoRA layers' active adapters and scales -- what the exported graphs baked in."""
-        modules = list(self.owner.modules())  # anew: a LoRA loaded since adds modules
-        params = tuple((id(p), p._version) for m in modules for p in m.parameters(recurse=False))
+        """Once per generation (``OpenVINO._reset``): which tensors the module holds and unfused LoRA layers'
+        active adapters and scales -- what the exported graphs baked in. Walks every module (a LoRA loaded since
+        adds modules), which costs milliseconds: too much for every UNet call of a small model."""
+        modules = list(self.owner.modules())
+        self._params = [p for m in modules for p in m.parameters(recurse=False)]
+        params = tuple(id(p) for p in self._params)
         loras = tuple((tuple(m.active_adapters), repr(m.scaling), getattr(m, "merged", False),
                        getattr(m, "disable_adapters", False)) for m in modules
                       if hasattr(m, "scaling") and hasattr(m, "active_adapters"))
         return params, loras
+
+    def _versions_now(self) -> tuple:
+        """Every call: the in-place version counters of the tensors found at the last walk (a fused LoRA or a
+        weight copied in bumps them; microseconds)."""
+        return tuple(p._version for p in self._params)
+
+    def new_generation(self) -> None:
+        """Walk the module again before the next call (a LoRA may have been loaded in between)."""
+        self._walk = True
 
     def _hook_count(self) -> int:
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._modules)
@@ -193,9 +206,11 @@ class _Engine:
             kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
         if self._hook_count() != self._hooks:  # hooks added since (deepcache's MAC count of one call): they
             return self.fn(*args, **kwargs)  # must see the modules run, so this call runs in PyTorch
-        weights = self._weights_state()
-        if weights != self._weights:  # re-export: the compiled graphs hold the old weights or LoRA scales
-            self._weights, self._fingerprint = weights, None
+        weights = self._weights_state() if self._walk else self._weights
+        self._walk = False
+        versions = self._versions_now()
+        if weights != self._weights or versions != self._versions:  # re-export: the compiled graphs hold the
+            self._weights, self._versions, self._fingerprint = weights, versions, None  # old weights / scales
             self.models.clear()
             self.opt.state.events.append(f"openvino: {self.part} weights or LoRA scales changed; exporting again")
         tensors: list = []
@@ -292,6 +307,10 @@ class OpenVINO(Optimization):
                 enc = getattr(pipe, name, None)
                 if enc is not None:
                     edits.wrap_beneath(enc, "forward", lambda fn, e=enc, n=name: self._engine(n, e, fn))
+
+    def _reset(self) -> None:
+        for engine in getattr(self, "engines", []):
+            engine.new_generation()
 
     def _engine(self, part, owner, fn) -> _Engine:
         engine = _Engine(self, part, owner, fn)
