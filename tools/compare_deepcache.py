@@ -78,8 +78,12 @@ def machine() -> dict:
             "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
 
 
-def runners(pipe, interval: int, branch: int) -> dict:
-    """Each runner: a context manager that sets it up and yields (call target, read its stats afterwards)."""
+ENGINE = "deepcache+openvino"
+
+
+def runners(pipe, interval: int, branch: int, engine: str | None = None) -> dict:
+    """Each runner: a context manager that sets it up and yields (call target, read its stats afterwards).
+    ``engine="openvino"`` adds diffspeed's deepcache on OpenVINO-compiled blocks (``openvino.regional``)."""
     from diffspeed.bench.peers import deepcache_package
     from diffspeed.core import Accelerated
     from diffspeed.optim.deepcache import DeepCacheConfig
@@ -104,7 +108,17 @@ def runners(pipe, interval: int, branch: int) -> dict:
         with Accelerated(pipe, [config]) as ours:  # strict: a call that cached nothing raises
             yield ours, lambda: dict(ours.stats)
 
-    return {"baseline": baseline, "package": package, "diffspeed": diffspeed}
+    made = {"baseline": baseline, "package": package, "diffspeed": diffspeed}
+    if engine == "openvino":
+        from diffspeed.optim.openvino import OpenVINOConfig
+
+        @contextlib.contextmanager
+        def on_openvino():
+            with Accelerated(pipe, [config, OpenVINOConfig(regional=True)]) as ours:
+                yield ours, lambda: dict(ours.stats)
+
+        made[ENGINE] = on_openvino
+    return made
 
 
 def measure(pipe, make: dict, size: int, steps: int, rounds: int, prompt: str, seed: int) -> dict:
@@ -129,6 +143,9 @@ def measure(pipe, make: dict, size: int, steps: int, rounds: int, prompt: str, s
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 with make[name]() as (target, read_stats):
+                    if name == ENGINE:  # untimed: export (first round) or load the compiled blocks per apply
+                        target(prompt, num_inference_steps=steps, width=size, height=size,
+                               generator=torch.Generator().manual_seed(seed), output_type="latent")
                     gc.collect()
                     unet_calls.clear()
                     current[0] = name if r else None
@@ -187,6 +204,13 @@ def summarise(runs: dict, latents: dict, stats: dict, full: set[int]) -> dict:
         "diffspeed_stats": s,
         "max_abs_latent_difference_diffspeed_vs_package": float((latents["diffspeed"] - latents["package"])
                                                                 .abs().max()),
+        **({"engine": {
+            "speedup_over_baseline": med["baseline"] / med[ENGINE],
+            "package_over_engine_time": {"median_of_round_ratios": statistics.median(
+                p / e for p, e in zip(runs["package"]["wall_s"], runs[ENGINE]["wall_s"])),
+                "ratio_of_medians": med["package"] / med[ENGINE]},
+            "max_abs_latent_difference_vs_package": float((latents[ENGINE] - latents["package"]).abs().max())}}
+           if ENGINE in runs else {}),
     }
 
 
@@ -219,6 +243,15 @@ def markdown(result: dict) -> str:
             f"{r['theoretical_speedup_from_macs']:.2f} | {r['max_abs_latent_difference_diffspeed_vs_package']:.1e} | "
             f"{r['median_minor_page_faults']['package']:.0f} / {r['median_minor_page_faults']['diffspeed']:.0f} | "
             f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f} |")
+    for size, r in result["sizes"].items():
+        if "engine" in r:
+            e = r["engine"]
+            pkg = e["package_over_engine_time"]
+            lines += ["", f"{size}²: deepcache on OpenVINO-compiled blocks (`openvino.regional`, its first call of "
+                      f"each apply untimed): {r['median_wall_s'][ENGINE]:.2f} s, {e['speedup_over_baseline']:.2f}x "
+                      f"the baseline; the package alone takes {pkg['median_of_round_ratios']:.2f}x its time "
+                      f"(median of rounds; ratio of medians {pkg['ratio_of_medians']:.2f}); max latent difference "
+                      f"to the package {e['max_abs_latent_difference_vs_package']:.1e} (OpenVINO's own precision)."]
     lines += ["", "Each run's seconds, CPU seconds, UNet call times and garbage collections are in result.json.", ""]
     return "\n".join(lines)
 
@@ -236,6 +269,8 @@ def main() -> None:
     ap.add_argument("--branch", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per size, after one warm-up round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--engine", choices=["openvino"], default=None,
+                    help="also run deepcache on OpenVINO-compiled blocks, interleaved with the others")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, for the report")
     ap.add_argument("--out", default=None, help="folder for result.json and README.md (default: "
                     "benchmarks/<model>-deepcache-vs-package; '-' writes nothing)")
@@ -253,7 +288,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = get_sampler("Euler").build(pipe.scheduler.config)
     prompt, seed = PROMPTS[0]
-    make = runners(pipe, args.interval, args.branch)
+    make = runners(pipe, args.interval, args.branch, args.engine)
     full = full_calls(args.steps, DeepCacheConfig(interval=args.interval, branch=args.branch))
     result = {"command": shlex.join(["python", *sys.argv]),
               "machine": machine(), "settings": vars(args), "sizes": {}}
