@@ -293,7 +293,8 @@ def write_report(out: Path, data: dict) -> None:
             lines += [f"Memory: {sec['memory']['setting']}.", ""]
         fid = ("PSNR dB | SSIM" if key == "pipeline" else "rel. RMS drift | max abs drift")
         lines += [f"| method | layers | UNet weights MB | vs baseline | peak RSS MB | vs baseline "
-                  f"| s per {sec['unit']} | spread s | speed vs baseline | {fid} |", "|---" * (9 + fid.count("|") + 1) + "|"]
+                  f"| s per {sec['unit']} | spread s | speed vs baseline | {fid} |",
+                  "|---" * (9 + fid.count("|") + 1) + "|"]
         base_w = sec["rows"]["baseline"]["unet_weight_bytes"]
         for m, r in sec["rows"].items():
             mm = mem.get(m)

@@ -167,8 +167,9 @@ def test_low_vram_cpu_presets_keep_the_image(tiny_sd):
 
 
 def test_fp32_cpu_presets_keep_the_image_and_never_warn(tiny_sd, monkeypatch):
-    """On the AVX2 profile the speed presets compute in fp32 and the memory presets store bf16 (low-vram-4gb: fp8)
-    weights computed in fp32: no slow-dtype warning, the weights really are small while generating, and the image stays close."""
+    """On the AVX2 profile the speed presets compute in fp32 and the memory presets store bf16 (low-vram-4gb:
+    fp8) weights computed in fp32: no slow-dtype warning, the weights really are small while generating, and the
+    image stays close."""
     import warnings
 
     from diffspeed import hardware
