@@ -35,12 +35,12 @@ _EXPORTS = {
 
 __all__ = ["DiffspeedError", "GenerateRequest", "GenerateResult", "SHIPPED", "generate", "load", "model_hash",
            "save_images", "__version__", "Accelerated", "Recipe", "RecipeError", "accelerate", "ConvertReport",
-           "ModelCache", "convert_checkpoint", "PRESETS", "bench", "preset_recipe"]
+           "ModelCache", "convert_checkpoint", "PRESETS", "bench", "preset_recipe", "tune"]
 
 
 def __getattr__(name: str):
-    if name == "bench":  # diffspeed.bench(...) runs a benchmark: the subpackage itself is callable
-        return importlib.import_module("diffspeed.bench")
+    if name in ("bench", "tune"):  # diffspeed.bench(...) / diffspeed.tune(...): the subpackages are callable
+        return importlib.import_module(f"diffspeed.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'diffspeed' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

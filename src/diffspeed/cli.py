@@ -2,7 +2,8 @@
 
 exit codes:
   0    success
-  1    runtime failure: out of memory, a failed write, a bench entry that failed (its report is still written)
+  1    runtime failure: out of memory, a failed write, a bench entry that failed (its report is still written),
+       a tune run in which no candidate meets the goal (its report is still written)
   2    invalid input: usage, validation, unknown names, unreadable or hostile files
   130  interrupted (Ctrl-C)
 Errors are one line on stderr; --debug shows the traceback instead.
@@ -376,6 +377,88 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="search the optimizations for the fastest recipe on this model and machine within "
+                       "a memory budget and a fidelity floor, measured with the bench; writes tuned.toml and a report")
+    p.add_argument("--model", default="tiny-sd", help="shipped name, path, or random:sd15 / random:sdxl (random "
+                   "weights: speed and memory only, no fidelity floor)")
+    w = p.add_argument_group("workload (what every candidate and the baseline run)")
+    w.add_argument("--size", default=None, metavar="WxH", help="image size, WIDTHxHEIGHT or one edge (default: the "
+                   "model's; 256 for random:)")
+    w.add_argument("--steps", type=int, default=20, help="denoising steps")
+    w.add_argument("--sampler", default="DPM++ 2M", help="sampler ('model' keeps the model's own scheduler)")
+    w.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model card's, tiny-sd 3; "
+                   "else 7)")
+    w.add_argument("--runs", type=int, default=3, help="timed passes of a full measurement (screening: one pass over "
+                   "one prompt)")
+    w.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if "
+                   "available, else cpu)")
+    w.add_argument("--dtype", default=None, help="load dtype: fp32, fp16, bf16 (default: fp16 on GPU, fp32 CPU)")
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads per candidate (default: torch's)")
+    w.add_argument("--timeout", type=float, default=1800.0, help="seconds one candidate may take")
+    g = p.add_argument_group("goal")
+    g.add_argument("--max-memory", default=None, metavar="SIZE", help="peak memory budget, e.g. 6GB, 6144MB, 5.5GiB "
+                   "(peak RSS on the CPU, allocated memory on CUDA; default: none)")
+    g.add_argument("--min-ssim", type=float, default=None, help="fidelity floor: SSIM to the baseline's images, 0..1")
+    g.add_argument("--min-psnr", type=float, default=None, help="fidelity floor: PSNR to the baseline's images, dB")
+    g.add_argument("--min-adherence", type=float, default=None, help="floor on the colour check's accuracy "
+                   "(background and shape, averaged; the tiny models), 0..1")
+    s = p.add_argument_group("search")
+    s.add_argument("--time-budget", default="30m", help="measuring time, e.g. 10m, 90s, 1h30m (seconds if bare); "
+                   "the search stops in time and reports the best so far")
+    s.add_argument("--include", action="append", default=[], metavar="NAMES", help="search only these "
+                   "optimizations (comma-separated, repeatable; also the opt-in ones: sampler, accelerator, freeu, "
+                   "compile, openvino)")
+    s.add_argument("--exclude", action="append", default=[], metavar="NAMES", help="never search these "
+                   "(comma-separated, repeatable)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the search's random choices: the same seed and "
+                   "measurements give the same search")
+    s.add_argument("--strategy", default="model", choices=["model", "random"], help="model: screen main effects, "
+                   "an additive surrogate, then full runs of the best; random: random full runs (for comparison)")
+    s.add_argument("--batch", type=int, default=4, help="candidates per bench run")
+    s.add_argument("--promote", type=int, default=4, help="screened candidates measured in full")
+    s.add_argument("--no-presets", dest="presets", action="store_false", help="do not seed the search with the "
+                   "presets (nor compare with them)")
+    p.add_argument("--out", default=None, help="folder for tuned.toml, the reports and the resumable log "
+                   "measurements.jsonl (default tune-results/<model>; a rerun continues from its log)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune, precheck=check_tune_args, loads_models=True)
+
+
+def check_tune_args(args) -> None:
+    """Every setting, before anything loads (without torch): one line naming the field, exit 2."""
+    from diffspeed.tune.options import TuneOptions
+
+    args.tune_options = TuneOptions(
+        model=args.model, size=args.size, steps=args.steps, sampler=None if args.sampler == "model" else args.sampler,
+        cfg=args.cfg_scale, max_memory_mb=args.max_memory, min_ssim=args.min_ssim, min_psnr=args.min_psnr,
+        min_adherence=args.min_adherence, time_budget_s=args.time_budget, include=tuple(args.include),
+        exclude=tuple(args.exclude), out=args.out, seed=args.seed, runs=args.runs, batch=args.batch,
+        promote=args.promote, presets=args.presets, strategy=args.strategy, device=args.device, dtype=args.dtype,
+        threads=args.threads, timeout_s=args.timeout)
+    check_out_dir(args.tune_options.out_dir(), "out")
+
+
+def cmd_tune(args) -> int:
+    from diffspeed.pipelines.load import silence_libraries
+    from diffspeed.tune.run import tune
+
+    silence_libraries()  # main()'s quiet_loading, now that the libraries load
+    result = tune(options=args.tune_options, progress=not args.quiet)
+    print(result.message)
+    for t in result.front:
+        r = t.result
+        print(f"  front: {t.label} -- {r['speed']:.2f}x, peak {r['memory_mb']:.0f} MB"
+              + (f", SSIM {r['ssim']:.3f}" if r.get("ssim") is not None else ""))
+    for note in result.notes:
+        print(f"note: {note}")
+    print("wrote " + ", ".join(result.files.values()))
+    if result.choice is None:
+        print(f"diffspeed: error: {result.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="checkpoint (.ckpt/.pt/.pth/.bin/.safetensors) -> verified .safetensors "
                        "in the original layout; pickles are read weights-only, never unpickled in full")
@@ -495,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_serve(sub)
     _add_batch(sub)
+    _add_tune(sub)
     _add_convert(sub)
     p = sub.add_parser("presets", help="list the goal presets: what each is for, the recipe each resolves to on "
                        "this machine and why, and the numbers it was chosen on")
