@@ -71,6 +71,10 @@ def test_a_run_writes_a_recipe_that_generate_loads_unchanged(tmp_path, capsys, p
     again = tmp_path / "again.toml"
     Recipe.load(path).save(again)
     assert again.read_text() == path.read_text()  # load -> save changes nothing
+    from diffspeed.server.app import _recipe  # the server's per-request recipe: the file's text, unchanged
+
+    served = _recipe(None, None, path.read_text())
+    assert served.optimizations == chosen.optimizations
     for name in ("report.md", "report.html", "measurements.jsonl"):
         assert (out / name).is_file()
 
