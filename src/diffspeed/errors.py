@@ -30,3 +30,10 @@ def check_range(field: str, value, lo, hi, *, kind: type = int) -> None:
         raise DiffspeedError(f"{field} must be a {kind.__name__} in [{lo}, {hi}], got {value!r}", field=field)
     if not lo <= value <= hi:
         raise DiffspeedError(f"{field} must be in [{lo}, {hi}], got {value!r}", field=field)
+
+
+def check_side(field: str, value) -> None:
+    """An image width or height: an int in [64, 2048] and a multiple of 8 (the VAE downsamples by 8)."""
+    check_range(field, value, 64, 2048)
+    if value % 8:
+        raise DiffspeedError(f"{field}: {value} is not a multiple of 8 (the VAE downsamples by 8)", field=field)

@@ -38,7 +38,7 @@ from diffspeed.bench.queue import QueueItem, default_queue, scenes_of
 from diffspeed.bench.worker import new_result
 from diffspeed.core import OptConfig, Recipe, all_optimizations
 from diffspeed.core.recipe import describe_tables
-from diffspeed.errors import DiffspeedError, check_range
+from diffspeed.errors import DiffspeedError, check_range, check_side
 
 SCHEMA = "diffspeed.bench/1"
 PROMPTS = tuple((q.prompt, q.seed) for q in default_queue("tiny-sd"))  # kept for tools that import it
@@ -496,10 +496,8 @@ def _size(model: str, size) -> tuple[int | None, int | None]:
             return None, None
         size = 256
     w, h = (size, size) if isinstance(size, int) else size
-    for name, v in (("width", w), ("height", h)):
-        check_range(name, v, 64, 2048)
-        if v % 8:
-            raise DiffspeedError(f"{name}: {v} is not a multiple of 8 (the VAE downsamples by 8)", field=name)
+    check_side("width", w)
+    check_side("height", h)
     return int(w), int(h)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from diffspeed.errors import DiffspeedError, check_range
+from diffspeed.errors import DiffspeedError, check_range, check_side
 
 STRATEGIES = ("model", "random")
 _UNITS_MB = {"": 1024.0, "b": 1 / (1 << 20), "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024, "m": 1.0, "mb": 1.0,
@@ -69,10 +69,8 @@ def parse_size(text, field: str = "size") -> tuple[int, int] | None:
             raise DiffspeedError(f"{field}: {text!r} is not a size; give WIDTHxHEIGHT (e.g. 768x512) or one edge",
                                  field=field)
         w, h = int(m.group(1)), int(m.group(2) or m.group(1))
-    for v in (w, h):
-        check_range(field, v, 64, 2048)
-        if v % 8:
-            raise DiffspeedError(f"{field}: {v} is not a multiple of 8 (the VAE downsamples by 8)", field=field)
+    check_side(field, w)
+    check_side(field, h)
     return int(w), int(h)
 
 
