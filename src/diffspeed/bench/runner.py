@@ -282,9 +282,14 @@ def pareto_front(rows: list[dict], fidelity: bool) -> list[str]:
             return r["ratios"]["speed"], r["fidelity"]["psnr_db"]
         return r["ratios"]["speed"], -r["ratios"]["memory"]
 
-    pts = [(r["name"], point(r)) for r in rows
-           if r["status"] == "ok" and r["ratios"] and (not fidelity or r["fidelity"])]
-    return [n for n, (x, y) in pts
+    rows = [r for r in rows if r["status"] == "ok" and r["ratios"] and (not fidelity or r["fidelity"])]
+    return [r["name"] for r in nondominated(rows, point)]
+
+
+def nondominated(items: list, point) -> list:
+    """The items whose ``point`` (x, y), both larger-is-better, no other item's point beats on both axes."""
+    pts = [(item, point(item)) for item in items]
+    return [item for item, (x, y) in pts
             if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for _, (x2, y2) in pts)]
 
 

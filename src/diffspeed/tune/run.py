@@ -183,14 +183,13 @@ def axis_of(goal: Goal) -> str:
 def pareto(trials: list[Trial], goal: Goal, axis: str) -> list[Trial]:
     """Trials within the memory budget that no other beats on both speed and ``axis``."""
     def y(t):
-        v = -t.result["memory_mb"] if axis == "memory" else t.result.get(axis)
-        return None if v is None else v
+        return -t.result["memory_mb"] if axis == "memory" else t.result.get(axis)
+
+    from diffspeed.bench.runner import nondominated
 
     pts = [t for t in trials if t.ok and y(t) is not None and
            (goal.max_memory_mb is None or t.result["memory_mb"] <= goal.max_memory_mb)]
-    return sorted((t for t in pts if not any(o.speed >= t.speed and y(o) >= y(t) and (o.speed > t.speed or
-                                                                                        y(o) > y(t)) for o in pts)),
-                  key=lambda t: -t.speed)
+    return sorted(nondominated(pts, lambda t: (t.speed, y(t))), key=lambda t: -t.speed)
 
 
 def summarise(options: TuneOptions, outcome, goal: Goal, setup: dict, profile, stopped: str | None = None) \
