@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -176,6 +177,39 @@ def measure(pipe, make: dict, size: int, steps: int, rounds: int, prompt: str, s
     return {"runs": out, "latents": latents, "stats": stats}
 
 
+def ratio_interval(ratios: list[float], level: float = 0.95) -> dict:
+    """The geometric mean of per-round time ratios and its ``level`` confidence interval (Student's t on the
+    logarithms: rounds are paired, so drift in machine load cancels within a round, not across them)."""
+    from scipy import stats as st
+
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return {"geometric_mean": math.exp(mean), "interval": None, "level": level, "rounds": len(logs)}
+    half = st.t.ppf(0.5 + level / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return {"geometric_mean": math.exp(mean), "interval": [math.exp(mean - half), math.exp(mean + half)],
+            "level": level, "rounds": len(logs)}
+
+
+def op_counts(pipe, make: dict, size: int, steps: int, prompt: str, seed: int) -> dict:
+    """One untimed call per runner under torch's profiler: how many times each aten operator ran. If two runners'
+    counts agree, they did the same work and a time difference between them is the machine's, not the code's."""
+    counts = {}
+    for name in ("package", "diffspeed"):
+        with make[name]() as (target, _):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                target(prompt, num_inference_steps=steps, width=size, height=size,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent")
+        counts[name] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    a, b = counts["package"], counts["diffspeed"]
+    compute = ("conv", "addmm", "mm", "bmm", "attention", "linear", "matmul", "_norm", "gelu", "silu", "upsample")
+    heavy = sorted(k for k in set(a) | set(b) if any(c in k for c in compute))
+    return {"compute_ops_equal": all(a.get(k, 0) == b.get(k, 0) for k in heavy),
+            "compute_ops": {k: [a.get(k, 0), b.get(k, 0)] for k in heavy},
+            "other_ops_differing": {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b))
+                                    if k not in heavy and a.get(k, 0) != b.get(k, 0)}}
+
+
 def summarise(runs: dict, latents: dict, stats: dict, full: set[int]) -> dict:
     med = {k: statistics.median(v["wall_s"]) for k, v in runs.items()}
     cpu = {k: statistics.median(v["cpu_s"]) for k, v in runs.items()}
@@ -195,7 +229,8 @@ def summarise(runs: dict, latents: dict, stats: dict, full: set[int]) -> dict:
         "diffspeed_over_package_time": {
             "median_of_round_ratios": statistics.median(paired), "round_ratios": paired,
             "ratio_of_medians": med["diffspeed"] / med["package"],
-            "cpu_median_of_round_ratios": statistics.median(paired_cpu)},
+            "cpu_median_of_round_ratios": statistics.median(paired_cpu),
+            "paired": ratio_interval(paired)},
         "median_unet_call_s": {"baseline": statistics.median(t for run in runs["baseline"]["unet_call_s"] for t in run),
                                **{f"{k}_{w}": calls(k, w == "full") for k in ("package", "diffspeed")
                                   for w in ("full", "cached")}},
@@ -224,25 +259,38 @@ def markdown(result: dict) -> str:
              f"threads of {env['usable_cpus']} usable CPUs; torch {env['torch']}, diffusers {env['diffusers']}, "
              f"DeepCache {env['DeepCache']}, Python {env['python']}; allocator settings: "
              f"{env['allocator_env'] or 'glibc defaults'}.", "",
-             f"Interleaved in one process, {st['rounds']} rounds after a warm-up, the order rotating each round; "
-             "medians. diffspeed / package < 1: diffspeed is faster. Also running: "
+             "Interleaved in one process, the rounds given per size after a warm-up round, the order rotating each "
+             "round; medians. diffspeed / package < 1: diffspeed is faster; the geometric mean of the per-round "
+             "ratios comes with its 95% confidence interval (Student's t on their logarithms). Also running: "
              f"{st['note'] or 'not stated'}.", "",
              "| size | baseline s | package s | diffspeed s | package x | diffspeed x | diffspeed / package "
-             "(median of rounds) | same, CPU time | full call ms (pkg / ds) | cached call ms (pkg / ds) | "
+             "(median of rounds) | geometric mean [95% CI] | same, CPU time | full call ms (pkg / ds) | "
+             "cached call ms (pkg / ds) | "
              "MAC bound x | max latent diff | page faults (pkg / ds) | load avg before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for size, r in result["sizes"].items():
         m, c = r["median_wall_s"], r["median_unet_call_s"]
         ratio = r["diffspeed_over_package_time"]
         lines.append(
-            f"| {size}² | {m['baseline']:.2f} | {m['package']:.2f} | {m['diffspeed']:.2f} | "
+            f"| {size}² ({r['rounds']} rounds) | {m['baseline']:.2f} | {m['package']:.2f} | {m['diffspeed']:.2f} | "
             f"{r['speedup_over_baseline']['package']:.2f} | {r['speedup_over_baseline']['diffspeed']:.2f} | "
-            f"{ratio['median_of_round_ratios']:.3f} | {ratio['cpu_median_of_round_ratios']:.3f} | "
+            f"{ratio['median_of_round_ratios']:.3f} | {_interval(ratio['paired'])} | "
+            f"{ratio['cpu_median_of_round_ratios']:.3f} | "
             f"{1000 * c['package_full']:.0f} / {1000 * c['diffspeed_full']:.0f} | "
             f"{1000 * c['package_cached']:.1f} / {1000 * c['diffspeed_cached']:.1f} | "
             f"{r['theoretical_speedup_from_macs']:.2f} | {r['max_abs_latent_difference_diffspeed_vs_package']:.1e} | "
             f"{r['median_minor_page_faults']['package']:.0f} / {r['median_minor_page_faults']['diffspeed']:.0f} | "
             f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f} |")
+    for size, r in result["sizes"].items():
+        ops = r.get("op_counts")
+        if ops:
+            heavy = ", ".join(f"{k.removeprefix('aten::')} {v[0]}" + ("" if v[0] == v[1] else f" / {v[1]}")
+                              for k, v in ops["compute_ops"].items())
+            other = ", ".join(f"{k.removeprefix('aten::')} {v[0]} / {v[1]}"
+                              for k, v in ops["other_ops_differing"].items())
+            lines += ["", f"{size}², one profiled call each (package / diffspeed): compute operators "
+                      f"{'identical' if ops['compute_ops_equal'] else 'DIFFERENT'} ({heavy}); other operators "
+                      f"that differ: {other or 'none'}."]
     for size, r in result["sizes"].items():
         if "engine" in r:
             e = r["engine"]
@@ -256,6 +304,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _interval(p: dict) -> str:
+    if not p["interval"]:
+        return f"{p['geometric_mean']:.3f}"
+    lo, hi = p["interval"]
+    return f"{p['geometric_mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def main() -> None:
     from diffspeed.bench.runner import PROMPTS
     from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
@@ -267,14 +322,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--branch", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per size, after one warm-up round")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[5],
+                    help="timed rounds per size, after one warm-up round: one number for every size, or one per "
+                         "--sizes entry")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--engine", choices=["openvino"], default=None,
                     help="also run deepcache on OpenVINO-compiled blocks, interleaved with the others")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, for the report")
     ap.add_argument("--out", default=None, help="folder for result.json and README.md (default: "
                     "benchmarks/<model>-deepcache-vs-package; '-' writes nothing)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled call per runner that compares the operators each ran")
     args = ap.parse_args()
+    if len(args.rounds) not in (1, len(args.sizes)) or min(args.rounds) < 1:
+        ap.error(f"--rounds: give one count (>= 1) for every size or one per --sizes entry ({len(args.sizes)}), "
+                 f"got {args.rounds}")
+    rounds = dict(zip(args.sizes, args.rounds * len(args.sizes) if len(args.rounds) == 1 else args.rounds))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model.startswith("random:"):
@@ -294,9 +357,12 @@ def main() -> None:
               "machine": machine(), "settings": vars(args), "sizes": {}}
     for size in args.sizes:
         before = os.getloadavg()
-        m = measure(pipe, make, size, args.steps, args.rounds, prompt, seed)
+        m = measure(pipe, make, size, args.steps, rounds[size], prompt, seed)
         summary = summarise(m["runs"], m["latents"], m["stats"], full)
-        result["sizes"][str(size)] = {**summary, "load_average_before": before, "load_average_after": os.getloadavg(),
+        if not args.no_profile:
+            summary["op_counts"] = op_counts(pipe, make, size, args.steps, prompt, seed)
+        result["sizes"][str(size)] = {**summary, "rounds": rounds[size], "load_average_before": before,
+                                      "load_average_after": os.getloadavg(),
                                       "runs": m["runs"]}
         print(json.dumps({k: v for k, v in summary.items() if k != "diffspeed_stats"}, indent=2), flush=True)
     if args.out != "-":
