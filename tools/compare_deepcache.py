@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """diffspeed's deepcache against the DeepCache package (DeepCacheSDHelper) at equal settings, interleaved.
 
-    python tools/compare_deepcache.py --sizes 128 256 --rounds 5 --threads 2 --note "nothing else running"
+    python tools/compare_deepcache.py --sizes 128 256 --rounds 21 9 --threads 2 --note "nothing else running"
 
 By default: the SD1.5-size UNet with random weights (``random:sd15``), Euler (one denoiser call per step and no
 repeated timesteps, so the package's ``timesteps.index(t)`` finds the right step), 10 steps, interval 3, branch 0.
@@ -16,11 +16,14 @@ decode is the same for all three), after a ``gc.collect()`` so that no run inher
 process CPU seconds, minor page faults, and each UNet call's wall time (a hook pair on the UNet, the same for all
 three).
 
-Reports per size: medians and spread, speed-ups over the same run's baseline, diffspeed's time over the
-package's (the median of the per-round ratios, and the ratio of the medians), the median full and cached UNet
-call, the theoretical speed-up from the MACs deepcache skipped, the largest latent difference between
-diffspeed and the package, and the machine (CPU model, avx512_bf16 / AMX flags, threads, load averages before
-and after each size: what else was running). Writes ``result.json`` and ``README.md`` to ``--out``.
+Reports per size: medians and spread, speed-ups over the same run's baseline, diffspeed's time over the package's
+(the median of the per-round ratios, their geometric mean with a 95% confidence interval, and the ratio of the
+medians), the median full and cached UNet call, the theoretical speed-up from the MACs deepcache skipped, the
+largest latent difference between diffspeed and the package, and the machine (CPU model, avx512_bf16 / AMX flags,
+threads, load averages before and after each size: what else was running). After the rounds, one untimed call per
+runner under torch's profiler counts the aten operators each ran (``--no-profile`` skips it): identical compute
+operators mean a time difference is the machine's. On a noisy 2-core VM (±15 % per run) a few rounds mislead; 20 or
+so give an interval of about ±5 %. Writes ``result.json`` and ``README.md`` to ``--out``.
 
 On CPU, glibc's malloc by default gives large freed blocks back to the OS and page-faults them in again: about
 460k minor faults (1.8 GB) per full SD1.5 UNet call on a 2-core EPYC VM, ~40% of a 128² call's CPU time on one
