@@ -39,7 +39,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -53,7 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 RUNNERS = ("baseline", "package", "diffspeed")
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def machine() -> dict:
@@ -61,20 +59,15 @@ def machine() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     from diffspeed.bench.runner import environment
+    from diffspeed.hardware import detect_cpu
 
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info = {"model": fields.get("model name", info["model"]),
-                "flags": [f for f in FLAGS if f in fields.get("flags", "").split()]}
+    cpu = detect_cpu()
     env = environment()
     try:
         env["DeepCache"] = version("DeepCache")
     except PackageNotFoundError:
         env["DeepCache"] = None
-    return {**env, "cpu_model": info["model"], "cpu_flags": info["flags"],
+    return {**env, "cpu_model": cpu.name, "cpu_flags": list(cpu.flags), "cpu_capability": cpu.capability,
             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "interop_threads": torch.get_num_interop_threads(),
             # glibc's malloc settings change CPU timings a lot: by default it hands large freed blocks back to the
@@ -316,8 +309,8 @@ def _interval(p: dict) -> str:
 
 def main() -> None:
     from diffspeed.bench.runner import PROMPTS
+    from diffspeed.bench.worker import load_pipeline
     from diffspeed.optim.deepcache import DeepCacheConfig, full_calls
-    from diffspeed.pipelines.samplers import get_sampler
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:sd15")
@@ -343,16 +336,7 @@ def main() -> None:
     rounds = dict(zip(args.sizes, args.rounds * len(args.sizes) if len(args.rounds) == 1 else args.rounds))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model.startswith("random:"):
-        from diffspeed.bench.models import random_pipeline
-
-        pipe = random_pipeline(args.model.split(":", 1)[1])
-    else:
-        from diffspeed.pipelines.load import load
-
-        pipe = load(args.model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = get_sampler("Euler").build(pipe.scheduler.config)
+    pipe = load_pipeline({"model": args.model, "device": "cpu", "sampler": "Euler"})
     prompt, seed = PROMPTS[0]
     make = runners(pipe, args.interval, args.branch, args.engine)
     full = full_calls(args.steps, DeepCacheConfig(interval=args.interval, branch=args.branch))

@@ -28,6 +28,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,22 +46,13 @@ def worker(model: str, size: int, steps: int, calls: int, threads: int | None) -
 
     sys.path.insert(0, str(ROOT / "src"))
     from diffspeed.bench.runner import PROMPTS
+    from diffspeed.bench.worker import load_pipeline
     from diffspeed.core import Accelerated
     from diffspeed.optim.deepcache import DeepCacheConfig
-    from diffspeed.pipelines.samplers import get_sampler
 
     if threads:
         torch.set_num_threads(threads)
-    if model.startswith("random:"):
-        from diffspeed.bench.models import random_pipeline
-
-        pipe = random_pipeline(model.split(":", 1)[1])
-    else:
-        from diffspeed.pipelines.load import load
-
-        pipe = load(model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = get_sampler("Euler").build(pipe.scheduler.config)
+    pipe = load_pipeline({"model": model, "device": "cpu", "sampler": "Euler"})
     prompt, seed = PROMPTS[0]
 
     def generate(target):
@@ -71,7 +63,7 @@ def worker(model: str, size: int, steps: int, calls: int, threads: int | None) -
     generate(pipe)  # warm-up: first-call allocations and one-off initialisation
     for name in RUNNERS:
         rec = {"wall_s": [], "cpu_s": [], "minor_page_faults": []}
-        with Accelerated(pipe, [DeepCacheConfig(interval=3)]) if name == "deepcache" else _plain(pipe) as target:
+        with Accelerated(pipe, [DeepCacheConfig(interval=3)]) if name == "deepcache" else nullcontext(pipe) as target:
             for _ in range(calls):
                 gc.collect()
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -83,17 +75,6 @@ def worker(model: str, size: int, steps: int, calls: int, threads: int | None) -
         out[name] = rec
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
-
-
-class _plain:
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def __enter__(self):
-        return self.pipe
-
-    def __exit__(self, *exc):
-        return None
 
 
 def run_worker(setting: str, args) -> dict:
@@ -108,25 +89,15 @@ def run_worker(setting: str, args) -> dict:
 
 
 def machine() -> dict:
-    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith("model name") and info["cpu_model"] in ("", platform.machine()):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = line.split(":", 1)[1].split()
-            info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-            break
-    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info["libc"] = " ".join(platform.libc_ver())
-    import diffusers
-    import torch
+    """CPU model, flags and ISA level (as the bench records them), usable CPUs, libc and versions."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from diffspeed.bench.runner import environment
+    from diffspeed.hardware import detect_cpu
 
-    info.update(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__)
-    return info
+    cpu = detect_cpu()
+    return {**environment(), "cpu_model": cpu.name, "cpu_flags": list(cpu.flags), "cpu_capability": cpu.capability,
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "libc": " ".join(platform.libc_ver())}
 
 
 def summarise(rounds: list[dict]) -> dict:
